@@ -1,0 +1,137 @@
+"""Settings: environment variables with the `AIGEN_` prefix, then an optional `aigen.toml`.
+
+Every delay the platform waits on (leases, retry schedules, poll intervals) is a setting,
+so tests compress time through the same code paths production uses.
+"""
+
+from __future__ import annotations
+
+import secrets
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_SECRETS = frozenset({"", "changeme", "change-me", "secret", "aigen"})
+
+
+class Environment(StrEnum):
+    development = "development"
+    test = "test"
+    production = "production"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="AIGEN_",
+        toml_file="aigen.toml",
+        extra="ignore",
+    )
+
+    environment: Environment = Environment.development
+    data_dir: Path = Path("./data")
+    database_url: str = ""
+    broker_url: str = "database"
+    redis_url: str | None = None
+    storage_url: str = ""
+    secret_key: str = ""
+    # Base URL the API is reached at; asset URLs of the local folder store are minted on it.
+    public_url: str = "http://127.0.0.1:8000"
+
+    openai_api_key: str | None = Field(
+        default=None, validation_alias=AliasChoices("OPENAI_API_KEY", "AIGEN_OPENAI_API_KEY")
+    )
+    openai_base_url: str | None = None
+    models_file: Path | None = None
+    # Local models load lazily on first use; `false` keeps them out of the catalog.
+    local_models: bool = True
+
+    # Gateway
+    max_body_bytes: int = 256 * 1024
+    default_rpm: int = 600
+    default_concurrency: int = 20
+    key_cache_seconds: float = 5.0
+
+    # Queue (database broker and consumers)
+    lease_seconds: float = 30.0
+    poll_interval_seconds: float = 0.05
+    delivery_limit: int = 5
+    retry_base_seconds: float = 1.0
+    retry_max_seconds: float = 300.0
+    relay_batch: int = 100
+    prefetch: int = 8
+
+    # Workflow
+    worker_concurrency: int = 4
+    provider_timeout_seconds: float = 300.0
+    provider_max_tries: int = 3
+    provider_retry_base_seconds: float = 1.0
+
+    # Assets
+    asset_url_ttl_seconds: int = 3600
+
+    # Webhooks (DESIGN §7)
+    webhook_retry_schedule: list[float] = Field(
+        default_factory=lambda: [0, 5, 300, 1800, 7200, 18000, 36000, 36000]
+    )
+    webhook_timeout_seconds: float = 15.0
+    webhook_jitter: float = 0.2
+    webhook_min_delay_after_throttle_seconds: float = 60.0
+    webhook_allow_networks: list[str] = Field(default_factory=list)
+    webhook_disable_after_seconds: float = 5 * 24 * 3600.0
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    @field_validator("webhook_retry_schedule", "webhook_allow_networks", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        # `AIGEN_WEBHOOK_RETRY_SCHEDULE=0,5,300` reads as a list, as DESIGN §11 promises.
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _defaults_and_safety(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite+aiosqlite:///{self.data_dir / 'aigen.db'}"
+        if not self.storage_url:
+            self.storage_url = f"file://{self.data_dir / 'assets'}"
+        if self.environment is Environment.production:
+            if self.secret_key.strip().lower() in DEFAULT_SECRETS or len(self.secret_key) < 32:
+                raise ValueError(
+                    "AIGEN_SECRET_KEY must be set to 32 or more random characters in production"
+                )
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    def resolved_secret(self) -> str:
+        """The server secret; outside production it is generated into the data folder once."""
+        if self.secret_key:
+            return self.secret_key
+        path = self.data_dir / "secret_key"
+        if path.exists():
+            return path.read_text().strip()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        value = secrets.token_urlsafe(48)
+        path.write_text(value)
+        path.chmod(0o600)
+        return value
