@@ -20,7 +20,7 @@ from aigen.config import Settings
 from aigen.db.migrate import upgrade
 from aigen.db.session import Sessionmaker, create_engine, create_sessionmaker
 
-pytest_plugins = ["tests.fixtures.database"]
+pytest_plugins = ["tests.fixtures.platform"]
 
 
 def make_settings(tmp_path: Path, **overrides: object) -> Settings:

@@ -73,13 +73,16 @@ class Settings(BaseSettings):
     provider_timeout_seconds: float = 300.0
     provider_max_tries: int = 3
     provider_retry_base_seconds: float = 1.0
+    # How often a running job is checked for a cancel, and progress written at most.
+    cancel_poll_seconds: float = 1.0
+    progress_interval_seconds: float = 0.5
 
     # Assets
     asset_url_ttl_seconds: int = 3600
 
     # Webhooks (DESIGN §7)
     webhook_retry_schedule: list[float] = Field(
-        default_factory=lambda: [0, 5, 300, 1800, 7200, 18000, 36000, 36000]
+        default_factory=lambda: [0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0]
     )
     webhook_timeout_seconds: float = 15.0
     webhook_jitter: float = 0.2
@@ -112,11 +115,14 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite+aiosqlite:///{self.data_dir / 'aigen.db'}"
         if not self.storage_url:
             self.storage_url = f"file://{self.data_dir / 'assets'}"
-        if self.environment is Environment.production:
-            if self.secret_key.strip().lower() in DEFAULT_SECRETS or len(self.secret_key) < 32:
-                raise ValueError(
-                    "AIGEN_SECRET_KEY must be set to 32 or more random characters in production"
-                )
+        if self.environment is Environment.development and not self.webhook_allow_networks:
+            # `aigen up` and the demo deliver to receivers on this machine (DESIGN §7).
+            self.webhook_allow_networks = ["127.0.0.0/8", "::1/128"]
+        weak = self.secret_key.strip().lower() in DEFAULT_SECRETS or len(self.secret_key) < 32
+        if self.environment is Environment.production and weak:
+            raise ValueError(
+                "AIGEN_SECRET_KEY must be set to 32 or more random characters in production"
+            )
         return self
 
     @property

@@ -116,5 +116,3 @@ class ServiceUnavailable(AppError):
     code = "service_unavailable"
     title = "A dependency is unavailable"
     retryable = True
-
-

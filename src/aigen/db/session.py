@@ -22,9 +22,7 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
         engine = create_async_engine(url, connect_args={"timeout": 30})
         _tune_sqlite(engine)
         return engine
-    return create_async_engine(
-        url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
-    )
+    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
 
 
 def _tune_sqlite(engine: AsyncEngine) -> None:
@@ -59,3 +57,9 @@ async def unit_of_work(sessionmaker: Sessionmaker) -> AsyncIterator[AsyncSession
     """One transaction: committed when the block ends, rolled back when it raises."""
     async with sessionmaker() as session, session.begin():
         yield session
+
+
+def is_postgres(session: AsyncSession) -> bool:
+    """Row locks (`FOR UPDATE [SKIP LOCKED]`) only where the database has them."""
+    bind = session.get_bind()
+    return bind.dialect.name == "postgresql"

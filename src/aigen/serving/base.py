@@ -7,7 +7,9 @@ Errors, translated from each SDK at the provider's edge::
     ├── RateLimitedByProvider      retryable: upstream said 429 (carries `retry_after`)
     ├── ProviderUnavailable        retryable: upstream 5xx or connection error
     ├── InvalidProviderInput       permanent: upstream refused the input (400)
-    └── ContentRejected            permanent: upstream refused the content (policy)
+    ├── ContentRejected            permanent: upstream refused the content (policy)
+    ├── ProviderMisconfigured      permanent: bad key, unknown upstream model, missing extra
+    └── BadProviderResponse        permanent: upstream answered something we cannot read
 
 The workflow retries the retryable ones with backoff, a bounded number of times, and
 fails the job at once on the permanent ones.
@@ -117,3 +119,36 @@ class InvalidProviderInput(ProviderError):
 class ContentRejected(ProviderError):
     code = "content_rejected"
     retryable = False
+
+
+class ProviderMisconfigured(ProviderError):
+    """The operator's setup is wrong (401/403/404 upstream, a missing package): retrying
+    the same job cannot help, so it fails at once and is refunded."""
+
+    code = "provider_misconfigured"
+    retryable = False
+
+
+class BadProviderResponse(ProviderError):
+    code = "provider_bad_response"
+    retryable = False
+
+
+ERRORS_BY_CODE: dict[str, type[ProviderError]] = {
+    error.code: error
+    for error in (
+        ProviderTimeout,
+        RateLimitedByProvider,
+        ProviderUnavailable,
+        InvalidProviderInput,
+        ContentRejected,
+        ProviderMisconfigured,
+        BadProviderResponse,
+    )
+}
+
+
+def error_for_code(code: str, message: str) -> ProviderError:
+    """The error of our tree for an error code; an unknown code is a permanent error."""
+    error = ERRORS_BY_CODE.get(code)
+    return error(message) if error else ProviderError(message, code=code)

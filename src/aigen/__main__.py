@@ -1,0 +1,3 @@
+from aigen.cli.main import app
+
+app(prog_name="aigen")

@@ -1,0 +1,84 @@
+"""The backend's event consumer (seed steps 11–12): results become job state and money.
+
+Each handler runs in one transaction with the consumer's inbox row, so an event applied
+once is skipped when redelivered, and a crash before the commit applies nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import structlog
+
+from aigen.bus import inbox, outbox
+from aigen.bus.broker import DeadLetterHook, Handler
+from aigen.bus.messages import (
+    AIGenerationJobCanceled,
+    AIGenerationJobCompleted,
+    AIGenerationJobFailed,
+    AIGenerationJobRequested,
+    Envelope,
+)
+from aigen.db.session import Sessionmaker, unit_of_work
+from aigen.models import Job
+from aigen.serving.base import Usage
+
+from .job import service as job_service
+
+CONSUMER = "backend"
+log = structlog.get_logger(__name__)
+
+# model name, usage → credits; the catalog's price table, or a fallback for removed models.
+Pricer = Callable[[str, Usage], int]
+
+
+def make_handler(sessionmaker: Sessionmaker, pricer: Pricer) -> Handler:
+    async def handle(envelope: Envelope) -> None:
+        message = envelope.message()
+        async with unit_of_work(sessionmaker) as session:
+            if not await inbox.first_time(session, CONSUMER, envelope.id):
+                return
+            if isinstance(message, AIGenerationJobCompleted):
+                current = await session.get(Job, message.job_id)
+                price = pricer(current.model, Usage(**message.usage)) if current else 0
+                job = await job_service.apply_completed(session, message, price=price)
+                outcome = "completed" if job else "stale"
+            elif isinstance(message, AIGenerationJobFailed):
+                job = await job_service.apply_failed(session, message)
+                outcome = "failed" if job else "stale"
+            elif isinstance(message, AIGenerationJobCanceled):
+                # The API applied the cancel and refund in its own transaction.
+                outcome = "canceled"
+            else:
+                assert isinstance(message, AIGenerationJobRequested)
+                outcome = "ignored"
+        log.info("backend.applied", event_type=envelope.type, job_id=envelope.job_id, outcome=outcome)
+
+    return handle
+
+
+def make_dead_letter_hook(sessionmaker: Sessionmaker) -> DeadLetterHook:
+    """A requested job whose message was dead-lettered fails and is refunded, not lost."""
+
+    async def on_dead_letter(envelope: Envelope, error: str) -> None:
+        message = envelope.message()
+        if not isinstance(message, AIGenerationJobRequested):
+            return
+        async with unit_of_work(sessionmaker) as session:
+            job = await session.get(Job, message.job_id)
+            if job is None:
+                return
+            failed = AIGenerationJobFailed(
+                job_id=job.id,
+                account_id=job.account_id,
+                attempt=job.attempt,
+                error={
+                    "code": "internal_error",
+                    "message": "the job could not be processed",
+                    "retryable": False,
+                },
+            )
+            if await job_service.apply_failed(session, failed) is not None:
+                outbox.add(session, failed)
+
+    return on_dead_letter

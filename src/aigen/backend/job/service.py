@@ -1,0 +1,342 @@
+"""Jobs: acceptance (seed step 4), the state machine (DESIGN §4) and applying results (12).
+
+Every transition is a compare-and-set on `status` (and, for results, on `attempt`), so
+whichever of two racing writers comes second changes nothing. Money moves in the same
+transaction as the transition that justifies it; events leave through the outbox.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from aigen.backend.billing import service as billing
+from aigen.backend.principal import Principal
+from aigen.bus import outbox
+from aigen.bus.messages import (
+    AIGenerationJobCanceled,
+    AIGenerationJobCompleted,
+    AIGenerationJobFailed,
+    AIGenerationJobRequested,
+)
+from aigen.clock import utcnow
+from aigen.db.session import is_postgres
+from aigen.errors import Conflict, NotFound, RateLimited
+from aigen.ids import new_id
+from aigen.models import ApiKey, Asset, Job
+from aigen.models.job import (
+    ACTIVE,
+    CANCELED,
+    COMPLETED,
+    EXPIRED,
+    FAILED,
+    PENDING,
+    PROCESSING,
+    TERMINAL,
+)
+
+
+class JobNotFoundError(NotFound):
+    code = "job_not_found"
+    title = "Job not found"
+
+
+class JobNotCancelableError(Conflict):
+    code = "job_not_cancelable"
+    title = "The job has already ended"
+
+
+class ConcurrencyLimitError(RateLimited):
+    code = "concurrency_limit"
+    title = "Too many jobs in progress for this key"
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    model: str
+    task: str
+    input: dict[str, Any]
+    hold: int
+    webhook_url: str | None = None
+    webhook_events: list[str] | None = None
+    metadata: dict[str, Any] | None = None
+    deadline_s: float | None = None
+
+
+async def create(
+    session: AsyncSession,
+    principal: Principal,
+    new: NewJob,
+    *,
+    traceparent: str | None = None,
+) -> Job:
+    """Accept a job: concurrency check, credit hold, job row and outbox row, one transaction."""
+    await _check_concurrency(session, principal)
+    job_id = new_id("job")
+    now = utcnow()
+    await billing.hold(
+        session, account_id=principal.account_id, job_id=job_id, amount=new.hold, model=new.model
+    )
+    job = Job(
+        id=job_id,
+        account_id=principal.account_id,
+        api_key_id=principal.key_id,
+        model=new.model,
+        task=new.task,
+        input=new.input,
+        status=PENDING,
+        attempt=0,
+        webhook_url=new.webhook_url,
+        webhook_events=new.webhook_events,
+        meta=new.metadata,
+        credits_reserved=new.hold,
+        deadline_at=now + timedelta(seconds=new.deadline_s) if new.deadline_s else None,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(job)
+    outbox.add(
+        session,
+        AIGenerationJobRequested(
+            job_id=job_id, account_id=principal.account_id, model=new.model, input=new.input
+        ),
+        traceparent=traceparent,
+    )
+    await session.flush()
+    return job
+
+
+async def _check_concurrency(session: AsyncSession, principal: Principal) -> None:
+    if is_postgres(session):
+        # Serialise acceptance per key, so that count-then-insert cannot overshoot.
+        # (SQLite already serialises writers: every transaction begins IMMEDIATE.)
+        await session.execute(
+            select(ApiKey.id).where(ApiKey.id == principal.key_id).with_for_update()
+        )
+    active = await session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.api_key_id == principal.key_id, Job.status.in_(ACTIVE))
+    )
+    if (active or 0) >= principal.concurrency:
+        raise ConcurrencyLimitError(
+            f"this key may have {principal.concurrency} jobs pending or processing at once",
+            headers={"Retry-After": "1"},
+            extra={"policy": "concurrency", "limit": principal.concurrency},
+        )
+
+
+async def get(session: AsyncSession, job_id: str, *, account_id: str | None = None) -> Job:
+    """The job, or 404; with `account_id`, another account's job is 404 too, never 403."""
+    job = await session.get(Job, job_id)
+    if job is None or (account_id is not None and job.account_id != account_id):
+        raise JobNotFoundError(f"no job {job_id}")
+    return job
+
+
+async def assets_of(session: AsyncSession, job_id: str) -> list[Asset]:
+    statement = select(Asset).where(Asset.job_id == job_id).order_by(Asset.index)
+    return list((await session.scalars(statement)).all())
+
+
+async def list_for(
+    session: AsyncSession,
+    account_id: str | None,
+    *,
+    status: str | None = None,
+    before: str | None = None,
+    limit: int = 20,
+) -> list[Job]:
+    """Newest first; `before` is the last id of the previous page (ids sort by time).
+
+    `account_id=None` lists every account's jobs (admin commands only).
+    """
+    statement = select(Job)
+    if account_id is not None:
+        statement = statement.where(Job.account_id == account_id)
+    if status:
+        statement = statement.where(Job.status == status)
+    if before:
+        statement = statement.where(Job.id < before)
+    statement = statement.order_by(Job.id.desc()).limit(limit)
+    return list((await session.scalars(statement)).all())
+
+
+async def queue_position(session: AsyncSession, job: Job) -> int | None:
+    if job.status != PENDING:
+        return None
+    ahead = await session.scalar(
+        select(func.count()).select_from(Job).where(Job.status == PENDING, Job.id < job.id)
+    )
+    return int(ahead or 0)
+
+
+async def _transition(
+    session: AsyncSession,
+    job_id: str,
+    *,
+    source: Sequence[str],
+    target: str,
+    attempt: int | None = None,
+    values: dict[str, Any] | None = None,
+) -> Job | None:
+    """Compare-and-set `source → target`; None when another writer got there first."""
+    now = utcnow()
+    changes: dict[str, Any] = {"status": target, "updated_at": now, f"{target}_at": now}
+    changes.update(values or {})
+    conditions = [Job.id == job_id, Job.status.in_(source)]
+    if attempt is not None:
+        conditions.append(Job.attempt == attempt)
+    result = await session.execute(
+        update(Job)
+        .where(*conditions)
+        .values(**changes)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    job = await session.get(Job, job_id, populate_existing=True)
+    assert job is not None
+    return job
+
+
+async def cancel(session: AsyncSession, job_id: str, *, account_id: str) -> Job:
+    """Cancel: a pending job is refunded in full; a processing one is stopped and refunded.
+
+    The worker checks between steps, and a result that arrives after the cancel fails its
+    compare-and-set and is thrown away, so the hold is released exactly once, here.
+    """
+    job = await get(session, job_id, account_id=account_id)
+    if job.status in TERMINAL:
+        raise JobNotCancelableError(f"job {job_id} is already {job.status}")
+    canceled = await _transition(
+        session, job_id, source=ACTIVE, target=CANCELED, values={"credits_charged": 0}
+    )
+    if canceled is None:
+        current = await get(session, job_id, account_id=account_id)
+        raise JobNotCancelableError(f"job {job_id} is already {current.status}")
+    await billing.release(session, canceled)
+    outbox.add(session, AIGenerationJobCanceled(job_id=job_id, account_id=account_id))
+    return canceled
+
+
+async def claim(session: AsyncSession, job_id: str) -> Job | None:
+    """The worker's claim: `pending|processing → processing` with the next attempt number.
+
+    A job already processing is claimed again only because its previous holder lost the
+    message lease (it died); the bumped attempt makes that holder's late result stale.
+    A job whose deadline passed before it started is expired and refunded instead.
+    """
+    job = await session.get(Job, job_id, populate_existing=True)
+    if job is None or job.status in TERMINAL:
+        return None
+    now = utcnow()
+    if job.status == PENDING and job.deadline_at is not None and job.deadline_at <= now:
+        await expire(session, job)
+        return None
+    return await _transition(
+        session,
+        job_id,
+        source=ACTIVE,
+        target=PROCESSING,
+        attempt=job.attempt,
+        values={"attempt": job.attempt + 1, "processing_at": job.processing_at or now},
+    )
+
+
+async def expire(session: AsyncSession, job: Job) -> None:
+    expired = await _transition(
+        session,
+        job.id,
+        source=[PENDING],
+        target=EXPIRED,
+        values={
+            "credits_charged": 0,
+            "error": {
+                "code": "deadline_exceeded",
+                "message": "the job's deadline passed before it started",
+                "retryable": False,
+            },
+        },
+    )
+    if expired is None:
+        return
+    await billing.release(session, expired)
+    outbox.add(
+        session,
+        AIGenerationJobFailed(
+            job_id=job.id,
+            account_id=job.account_id,
+            attempt=job.attempt,
+            error=dict(expired.error or {}),
+            status=EXPIRED,
+        ),
+    )
+
+
+async def is_running(session: AsyncSession, job_id: str, attempt: int) -> bool:
+    status = await session.scalar(
+        select(Job.status).where(Job.id == job_id, Job.attempt == attempt)
+    )
+    return status == PROCESSING
+
+
+async def set_progress(
+    session: AsyncSession, job_id: str, attempt: int, progress: dict[str, Any]
+) -> None:
+    await session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.attempt == attempt, Job.status == PROCESSING)
+        .values(progress=progress, updated_at=utcnow())
+    )
+
+
+async def apply_completed(
+    session: AsyncSession, message: AIGenerationJobCompleted, *, price: int
+) -> Job | None:
+    """Seed step 12: record the assets, capture the price and release the rest, once."""
+    job = await _transition(
+        session,
+        message.job_id,
+        source=[PROCESSING],
+        target=COMPLETED,
+        attempt=message.attempt,
+        values={"usage": dict(message.usage), "progress": None},
+    )
+    if job is None:
+        return None
+    for asset in message.assets:
+        session.add(
+            Asset(
+                job_id=job.id,
+                index=asset.index,
+                key=asset.key,
+                content_type=asset.content_type,
+                bytes=asset.bytes,
+                sha256=asset.sha256,
+            )
+        )
+    job.credits_charged = await billing.settle(session, job, price=price)
+    await session.flush()
+    return job
+
+
+async def apply_failed(session: AsyncSession, message: AIGenerationJobFailed) -> Job | None:
+    """A failed job is never charged: the whole hold goes back."""
+    job = await _transition(
+        session,
+        message.job_id,
+        source=[PROCESSING, PENDING],
+        target=FAILED,
+        attempt=message.attempt,
+        values={"error": dict(message.error), "progress": None, "credits_charged": 0},
+    )
+    if job is None:
+        return None
+    await billing.release(session, job)
+    return job

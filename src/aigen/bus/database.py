@@ -1,0 +1,266 @@
+"""The `database` broker: the embedded queue, kept in the `queue_messages` table.
+
+Each published event becomes one row per bound consumer queue. A consumer leases rows
+(`leased_until`, a `lease_token` of its own), keeps the lease alive while its handler
+runs, and deletes the row after the handler's commit (ack). A consumer that dies simply
+lets the lease run out and another takes the row: at-least-once across restarts, with
+the consumers' inbox rows making a second application a no-op.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+import structlog
+from sqlalchemy import delete, func, insert, select, text, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from aigen.aio import sleep_or_stop, wait_any
+from aigen.clock import utcnow
+from aigen.db.session import Sessionmaker, is_postgres, unit_of_work
+from aigen.models import QueueMessage
+
+from .broker import DeadLetterHook, Handler, Retry
+from .messages import Envelope
+from .topology import dead_letter_queue, queues_for
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _Lease:
+    id: int
+    token: str
+    deliveries: int
+    body: str
+
+
+class DatabaseBroker:
+    """A broker in the application database; needs no server (DESIGN §5)."""
+
+    def __init__(
+        self,
+        sessionmaker: Sessionmaker,
+        *,
+        lease_seconds: float = 30.0,
+        poll_interval: float = 0.05,
+        delivery_limit: int = 5,
+        retry_base: float = 1.0,
+        retry_max: float = 300.0,
+    ) -> None:
+        self._sessionmaker = sessionmaker
+        self._lease = lease_seconds
+        self._poll = poll_interval
+        self._limit = delivery_limit
+        self._retry_base = retry_base
+        self._retry_max = retry_max
+        # Consumers in this process wake at once on a publish; others poll.
+        self._wakeups: dict[str, asyncio.Event] = {}
+
+    async def start(self) -> None:
+        return None
+
+    async def ping(self) -> None:
+        async with self._sessionmaker() as session:
+            await session.execute(text("SELECT 1"))
+
+    async def aclose(self) -> None:
+        return None
+
+    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        async with unit_of_work(self._sessionmaker) as session:
+            await self.publish_in(session, envelopes)
+
+    async def publish_in(self, session: AsyncSession, envelopes: Sequence[Envelope]) -> None:
+        """Fan out inside the caller's transaction: the relay marks rows sent in the same one."""
+        now = utcnow()
+        rows = [
+            {
+                "queue": queue,
+                "event_id": envelope.id,
+                "routing_key": envelope.routing_key,
+                "body": envelope.to_json(),
+                "available_at": now,
+                "created_at": now,
+                "deliveries": 0,
+            }
+            for envelope in envelopes
+            for queue in queues_for(envelope.routing_key)
+        ]
+        if rows:
+            await session.execute(insert(QueueMessage), rows)
+            for queue in {row["queue"] for row in rows}:
+                self._wakeup(str(queue)).set()
+
+    def _wakeup(self, queue: str) -> asyncio.Event:
+        return self._wakeups.setdefault(queue, asyncio.Event())
+
+    async def consume(
+        self,
+        queue: str,
+        handler: Handler,
+        *,
+        stop: asyncio.Event,
+        prefetch: int,
+        on_dead_letter: DeadLetterHook | None = None,
+    ) -> None:
+        in_flight: set[asyncio.Task[None]] = set()
+        wakeup = self._wakeup(queue)
+        while not stop.is_set():
+            free = prefetch - len(in_flight)
+            leases: list[_Lease] = []
+            if free > 0:
+                try:
+                    leases = await self._claim(queue, free)
+                except Exception:
+                    log.exception("queue.claim_failed", queue=queue)
+                    await sleep_or_stop(stop, 1.0)
+                    continue
+            for lease in leases:
+                task = asyncio.create_task(self._handle(queue, lease, handler, on_dead_letter))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+            if not leases:
+                wakeup.clear()
+                if in_flight and free <= 0:
+                    # Full: wait for a slot rather than polling the table.
+                    await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                await wait_any(self._poll, stop, wakeup)
+        if in_flight:
+            await asyncio.gather(*in_flight, return_exceptions=True)
+
+    async def _claim(self, queue: str, limit: int) -> list[_Lease]:
+        now = utcnow()
+        token = secrets.token_hex(8)
+        async with unit_of_work(self._sessionmaker) as session:
+            candidates = (
+                select(QueueMessage.id)
+                .where(
+                    QueueMessage.queue == queue,
+                    QueueMessage.dead_at.is_(None),
+                    QueueMessage.available_at <= now,
+                    (QueueMessage.leased_until.is_(None)) | (QueueMessage.leased_until < now),
+                )
+                .order_by(QueueMessage.id)
+                .limit(limit)
+            )
+            if is_postgres(session):
+                candidates = candidates.with_for_update(skip_locked=True)
+            result = await session.execute(
+                update(QueueMessage)
+                .where(QueueMessage.id.in_(candidates.scalar_subquery()))
+                .values(
+                    leased_until=now + timedelta(seconds=self._lease),
+                    lease_token=token,
+                    deliveries=QueueMessage.deliveries + 1,
+                )
+                .returning(QueueMessage.id, QueueMessage.deliveries, QueueMessage.body)
+                .execution_options(synchronize_session=False)
+            )
+            rows = sorted(result.all())
+        return [_Lease(row_id, token, deliveries, body) for row_id, deliveries, body in rows]
+
+    async def _handle(
+        self,
+        queue: str,
+        lease: _Lease,
+        handler: Handler,
+        on_dead_letter: DeadLetterHook | None,
+    ) -> None:
+        envelope = Envelope.from_json(lease.body)
+        heartbeat = asyncio.create_task(self._keep_leased(lease))
+        try:
+            await handler(envelope)
+        except Retry as retry:
+            # A deliberate retry is not a failure: it does not count toward the limit.
+            await self._retry(
+                queue, lease, envelope, retry.delay, str(retry), on_dead_letter, counts=False
+            )
+        except Exception as exc:
+            log.warning(
+                "queue.handler_failed",
+                queue=queue,
+                event_id=envelope.id,
+                job_id=envelope.data.get("job_id"),
+                deliveries=lease.deliveries,
+                error=repr(exc),
+            )
+            delay = min(self._retry_max, self._retry_base * 2 ** (lease.deliveries - 1))
+            delay *= random.uniform(0.8, 1.2)
+            await self._retry(queue, lease, envelope, delay, repr(exc), on_dead_letter)
+        else:
+            await self._ack(lease)
+        finally:
+            heartbeat.cancel()
+
+    async def _keep_leased(self, lease: _Lease) -> None:
+        while True:
+            await asyncio.sleep(self._lease / 3)
+            try:
+                async with unit_of_work(self._sessionmaker) as session:
+                    await session.execute(
+                        update(QueueMessage)
+                        .where(QueueMessage.id == lease.id, QueueMessage.lease_token == lease.token)
+                        .values(leased_until=utcnow() + timedelta(seconds=self._lease))
+                    )
+            except Exception:
+                log.exception("queue.heartbeat_failed", message_id=lease.id)
+
+    async def _ack(self, lease: _Lease) -> None:
+        async with unit_of_work(self._sessionmaker) as session:
+            await session.execute(
+                delete(QueueMessage).where(
+                    QueueMessage.id == lease.id, QueueMessage.lease_token == lease.token
+                )
+            )
+
+    async def _retry(
+        self,
+        queue: str,
+        lease: _Lease,
+        envelope: Envelope,
+        delay: float,
+        error: str,
+        on_dead_letter: DeadLetterHook | None,
+        *,
+        counts: bool = True,
+    ) -> None:
+        dead = counts and lease.deliveries >= self._limit
+        now = utcnow()
+        values: dict[str, object] = {"leased_until": None, "lease_token": None, "last_error": error}
+        if not counts:
+            values["deliveries"] = QueueMessage.deliveries - 1
+        if dead:
+            values |= {"queue": dead_letter_queue(queue), "dead_at": now}
+        else:
+            values["available_at"] = now + timedelta(seconds=delay)
+        async with unit_of_work(self._sessionmaker) as session:
+            await session.execute(
+                update(QueueMessage)
+                .where(QueueMessage.id == lease.id, QueueMessage.lease_token == lease.token)
+                .values(**values)
+            )
+        if dead:
+            log.error("queue.dead_lettered", queue=queue, event_id=envelope.id, error=error)
+            if on_dead_letter is not None:
+                try:
+                    await on_dead_letter(envelope, error)
+                except Exception:
+                    # The message stays in the dead-letter queue for an operator to replay.
+                    log.exception("queue.dead_letter_hook_failed", event_id=envelope.id)
+
+
+async def depth(session: AsyncSession, queue: str) -> int:
+    """Messages waiting or in hand on a queue (for metrics and tests)."""
+    result = await session.scalar(
+        select(func.count())
+        .select_from(QueueMessage)
+        .where(QueueMessage.queue == queue, QueueMessage.dead_at.is_(None))
+    )
+    return int(result or 0)

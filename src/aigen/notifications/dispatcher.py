@@ -1,0 +1,320 @@
+"""The notifier's loop: claim due webhook deliveries and make their attempts, concurrently.
+
+Per attempt: build the payload in a fresh, short session (`payload_builder`), serialise it
+compactly (under 20 KB), sign it with every secret in force, POST it through the SSRF
+guard, store the attempt, then settle the delivery:
+
+- 2xx: `delivered`. 410: `failed`, and an endpoint is disabled.
+- anything else (3xx included): the next attempt is scheduled by `schedule.next_delay`,
+  or the delivery is `failed` when the schedule is exhausted; an endpoint failing for
+  longer than `webhook_disable_after_seconds` is disabled.
+
+No database transaction stays open across the HTTP call (SQLite holds its write lock for
+the whole of a transaction). The schedule lives in the database, so a restarted notifier
+picks up where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+import structlog
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from aigen.clock import utcnow
+from aigen.config import Settings
+from aigen.db.session import Sessionmaker, unit_of_work
+from aigen.models import Account, WebhookAttempt, WebhookDelivery, WebhookEndpoint
+
+from . import repository, sender
+from .schedule import next_delay
+from .service import DELIVERED, FAILED, PENDING
+from .signing import sign_headers
+from .ssrf import Resolver
+
+PayloadBuilder = Callable[[AsyncSession, WebhookDelivery], Awaitable[dict[str, Any]]]
+HttpClientFactory = Callable[[], httpx.AsyncClient]
+
+MAX_PAYLOAD_BYTES = 20 * 1024
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(slots=True)
+class _Message:
+    """What one attempt sends, or (`unsendable`) why it cannot be sent."""
+
+    endpoint_id: str | None
+    url: str = ""
+    secrets: list[str] = field(default_factory=list)
+    body: bytes = b""
+    unsendable: sender.AttemptResult | None = None
+    final: bool = False
+
+
+class Dispatcher:
+    """Delivers due webhooks; run one or several per deployment (they never collide)."""
+
+    def __init__(
+        self,
+        sessionmaker: Sessionmaker,
+        settings: Settings,
+        *,
+        payload_builder: PayloadBuilder,
+        http_client_factory: HttpClientFactory | None = None,
+        concurrency: int = 16,
+        https_only: bool = False,
+        resolver: Resolver | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self._sessionmaker = sessionmaker
+        self._settings = settings
+        self._payload_builder = payload_builder
+        self._client_factory = http_client_factory or (lambda: sender.default_http_client(settings))
+        self._concurrency = concurrency
+        self._https_only = https_only
+        self._resolver = resolver
+        self._rng = rng
+        self._client: httpx.AsyncClient | None = None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the HTTP client (a later call makes a new one)."""
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    async def run_once(self) -> int:
+        """Claim the due deliveries (at most `concurrency`), attempt them all; return how many."""
+        claims = await self._claim(self._concurrency)
+        async with asyncio.TaskGroup() as group:
+            for claim in claims:
+                group.create_task(self._process(claim))
+        return len(claims)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Deliver until `stop` is set, then finish the attempts in hand and return.
+
+        New deliveries are claimed as soon as a slot frees up; when nothing is due the
+        loop sleeps `settings.poll_interval_seconds`.
+        """
+        in_flight: set[asyncio.Task[None]] = set()
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            while not stop.is_set():
+                in_flight = {task for task in in_flight if not task.done()}
+                try:
+                    claims = await self._claim(self._concurrency - len(in_flight))
+                except Exception:
+                    log.exception("claiming webhook deliveries failed")
+                    claims = []
+                in_flight.update(asyncio.create_task(self._process(c)) for c in claims)
+                full = len(in_flight) >= self._concurrency
+                await asyncio.wait(
+                    {stopping, *in_flight},
+                    timeout=None if full else self._settings.poll_interval_seconds,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+        except asyncio.CancelledError:
+            for task in in_flight:
+                task.cancel()
+            raise
+        finally:
+            stopping.cancel()
+            await asyncio.gather(stopping, *in_flight, return_exceptions=True)
+            await self.aclose()
+
+    async def _claim(self, limit: int) -> list[repository.Claim]:
+        if limit <= 0:
+            return []
+        now = utcnow()
+        # The lease outlives the attempt's deadline by a margin, so it never runs out
+        # while the attempt is still in hand.
+        lease = self._settings.webhook_timeout_seconds + self._settings.lease_seconds
+        async with unit_of_work(self._sessionmaker) as session:
+            return await repository.claim_due(
+                session, limit=limit, now=now, lease_until=now + timedelta(seconds=lease)
+            )
+
+    async def _process(self, claim: repository.Claim) -> None:
+        try:
+            message = await self._prepare(claim)
+            if message is None:
+                return
+            attempted_at = utcnow()
+            if message.unsendable is not None:
+                await self._settle(claim, message, message.unsendable, attempted_at)
+                return
+            headers = {
+                "content-type": "application/json",
+                **sign_headers(claim.id, attempted_at, message.body, message.secrets),
+            }
+            result = await sender.post(
+                self._http_client(),
+                message.url,
+                settings=self._settings,
+                headers=headers,
+                body=message.body,
+                https_only=self._https_only,
+                resolver=self._resolver,
+            )
+            await self._settle(claim, message, result, attempted_at)
+        except Exception:
+            # The lease runs out and a later claim tries again; the loop must go on.
+            log.exception("webhook attempt failed unexpectedly", delivery_id=claim.id)
+
+    async def _prepare(self, claim: repository.Claim) -> _Message | None:
+        async with self._sessionmaker() as session:
+            delivery = await session.get(WebhookDelivery, claim.id)
+            if delivery is None or (delivery.status, delivery.attempts) != (PENDING, claim.attempt):
+                return None
+            now = utcnow()
+            if delivery.endpoint_id is None:
+                account = await session.get(Account, delivery.account_id)
+                message = _Message(None, url=delivery.url)
+                if account is not None:
+                    message.secrets = [account.webhook_secret]
+            else:
+                endpoint = await session.get(WebhookEndpoint, delivery.endpoint_id)
+                message = _Message(delivery.endpoint_id)
+                if endpoint is None:
+                    return _unsendable(message, "the endpoint was deleted", final=True)
+                if endpoint.disabled_at is not None:
+                    reason = f"the endpoint is disabled: {endpoint.disabled_reason or 'no reason'}"
+                    return _unsendable(message, reason, final=True)
+                # Deliveries follow the endpoint's current URL, as edited since enqueueing.
+                message.url = endpoint.url
+                message.secrets = _endpoint_secrets(endpoint, now)
+            if not message.secrets:
+                return _unsendable(message, "the account has no webhook secret", final=True)
+            try:
+                payload = await self._payload_builder(session, delivery)
+                body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+            except Exception:
+                # The attempt log is shown to the customer: the details go to our log only.
+                log.exception("building a webhook payload failed", delivery_id=claim.id)
+                reason = "building the payload failed (an internal error); it will be retried"
+                return _unsendable(message, reason, final=False)
+        if len(body) >= MAX_PAYLOAD_BYTES:
+            reason = f"the payload is {len(body)} bytes; the limit is {MAX_PAYLOAD_BYTES}"
+            return _unsendable(message, reason, final=True)
+        message.body = body
+        return message
+
+    async def _settle(
+        self,
+        claim: repository.Claim,
+        message: _Message,
+        result: sender.AttemptResult,
+        attempted_at: datetime,
+    ) -> None:
+        now = utcnow()
+        async with unit_of_work(self._sessionmaker) as session:
+            session.add(
+                WebhookAttempt(
+                    delivery_id=claim.id,
+                    attempted_at=attempted_at,
+                    status_code=result.status_code,
+                    latency_ms=result.latency_ms,
+                    response_body=result.response_body,
+                    error=result.error,
+                )
+            )
+            endpoint = None
+            if message.endpoint_id is not None:
+                endpoint = await session.get(WebhookEndpoint, message.endpoint_id)
+            values, endpoint_values = self._outcome(claim, message, result, endpoint, now)
+            if await repository.settle(session, claim, **values):
+                for name, value in endpoint_values.items():
+                    setattr(endpoint, name, value)
+            else:
+                # Another claim owns the delivery now: keep the attempt row, change nothing else.
+                log.info("webhook attempt outlived its claim", delivery_id=claim.id)
+        log.info(
+            "webhook attempt",
+            delivery_id=claim.id,
+            attempt=claim.attempt,
+            status_code=result.status_code,
+            latency_ms=result.latency_ms,
+            error=result.error,
+            outcome=values["status"],
+        )
+
+    def _outcome(
+        self,
+        claim: repository.Claim,
+        message: _Message,
+        result: sender.AttemptResult,
+        endpoint: WebhookEndpoint | None,
+        now: datetime,
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The delivery's new values, and the endpoint's (failing since, disabled)."""
+        if result.ok:
+            cleared = {"failing_since": None} if endpoint is not None else {}
+            return {"status": DELIVERED, "delivered_at": now, "next_attempt_at": None}, cleared
+        failed = {"status": FAILED, "next_attempt_at": None}
+        if message.final:
+            return failed, {}
+        if result.status_code == 410:
+            gone = repository.disabled(now, "answered 410 Gone") if endpoint is not None else {}
+            return failed, gone
+        endpoint_values: dict[str, Any] = {}
+        if message.unsendable is None and endpoint is not None:
+            failing_since = endpoint.failing_since or now
+            endpoint_values["failing_since"] = failing_since
+            if (now - failing_since).total_seconds() > self._settings.webhook_disable_after_seconds:
+                reason = f"failing since {failing_since.isoformat()}"
+                return failed, endpoint_values | repository.disabled(now, reason)
+        delay = next_delay(
+            claim.attempt,
+            self._settings,
+            status_code=result.status_code,
+            timed_out=result.timed_out,
+            retry_after=result.retry_after,
+            now=now,
+            rng=self._rng,
+        )
+        if delay is None:
+            return failed, endpoint_values
+        retry_at = now + timedelta(seconds=delay)
+        return {"status": PENDING, "next_attempt_at": retry_at}, endpoint_values
+
+    def _http_client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = self._client_factory()
+        return self._client
+
+
+def _endpoint_secrets(endpoint: WebhookEndpoint, now: datetime) -> list[str]:
+    """The endpoint's secret, and during a rotation window its previous one too."""
+    secrets = [endpoint.secret]
+    expires = endpoint.previous_secret_expires_at
+    if endpoint.previous_secret and expires is not None and expires > now:
+        secrets.append(endpoint.previous_secret)
+    return secrets
+
+
+def _unsendable(message: _Message, reason: str, *, final: bool) -> _Message:
+    message.unsendable = sender.AttemptResult(error=reason[: sender.MAX_ERROR_CHARS])
+    message.final = final
+    return message

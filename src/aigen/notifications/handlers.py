@@ -1,0 +1,77 @@
+"""The notifier's event consumer (seed steps 13–14) and the webhook payload (step 15).
+
+A result event becomes one durable `WebhookDelivery` per target, in the consumer's
+transaction with its inbox row; the dispatcher then sends them on the stored schedule.
+The payload is built from the job as the backend recorded it, so the notifier waits
+(a short `Retry`) until the backend has applied the result.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from aigen.backend.job import views
+from aigen.bus import inbox
+from aigen.bus.broker import Handler, Retry
+from aigen.bus.messages import Envelope
+from aigen.clock import utcnow
+from aigen.config import Settings
+from aigen.db.session import Sessionmaker, unit_of_work
+from aigen.models import InboxMessage, Job, WebhookDelivery
+from aigen.models.job import CANCELED, COMPLETED, EXPIRED, FAILED
+from aigen.storage.base import AssetStore
+
+from . import service
+
+CONSUMER = "notifications"
+EVENT_TYPES = {
+    COMPLETED: "ai_generation.job.completed",
+    FAILED: "ai_generation.job.failed",
+    EXPIRED: "ai_generation.job.failed",
+    CANCELED: "ai_generation.job.canceled",
+}
+log = structlog.get_logger(__name__)
+
+
+def make_handler(sessionmaker: Sessionmaker, *, wait_seconds: float = 0.2) -> Handler:
+    async def handle(envelope: Envelope) -> None:
+        async with unit_of_work(sessionmaker) as session:
+            if await session.get(InboxMessage, (CONSUMER, envelope.id)) is not None:
+                return
+            job = await session.get(Job, envelope.job_id)
+            if job is not None and job.status not in EVENT_TYPES:
+                # The backend has not applied the result yet: ask again shortly.
+                raise Retry(wait_seconds, "job not yet terminal")
+            await inbox.first_time(session, CONSUMER, envelope.id)
+            if job is None:
+                return
+            created = await service.enqueue(session, job=job, event_type=EVENT_TYPES[job.status])
+        log.info("notifier.enqueued", job_id=envelope.job_id, deliveries=len(created))
+
+    return handle
+
+
+def make_payload_builder(store: AssetStore, settings: Settings) -> Any:
+    """`{type, timestamp, data: {job}}` with asset URLs minted at each attempt."""
+
+    async def build(session: AsyncSession, delivery: WebhookDelivery) -> dict[str, Any]:
+        job = await session.get(Job, delivery.job_id)
+        assert job is not None
+        rendered = await views.render(
+            session,
+            job,
+            store=store,
+            base_url=settings.public_url,
+            url_ttl=settings.asset_url_ttl_seconds,
+            with_queue_position=False,
+        )
+        return {
+            "type": delivery.event_type,
+            "timestamp": utcnow().isoformat(),
+            "data": rendered.model_dump(mode="json", exclude={"queue_position"}),
+        }
+
+    return build

@@ -1,0 +1,76 @@
+"""Database steps of the dispatcher: claim due deliveries, apply an attempt's outcome.
+
+A claim leases the delivery and counts the attempt in one transaction (`FOR UPDATE SKIP
+LOCKED` on PostgreSQL; SQLite's `BEGIN IMMEDIATE` serialises claims), so several notifier
+processes never make the same attempt. The attempt count taken at claim time is the fence
+of the outcome: if the lease ran out and another notifier claimed the delivery again (or
+it was redelivered), the late outcome is logged as an attempt but changes nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from aigen.models import WebhookDelivery
+
+from .service import PENDING
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A leased delivery; `attempt` is its attempt count with this attempt included."""
+
+    id: str
+    attempt: int
+
+
+async def claim_due(
+    session: AsyncSession, *, limit: int, now: datetime, lease_until: datetime
+) -> list[Claim]:
+    """Lease up to `limit` due deliveries until `lease_until`, oldest due first."""
+    rows = (
+        await session.execute(
+            select(WebhookDelivery.id, WebhookDelivery.attempts)
+            .where(
+                WebhookDelivery.status == PENDING,
+                WebhookDelivery.next_attempt_at <= now,
+                or_(WebhookDelivery.leased_until.is_(None), WebhookDelivery.leased_until < now),
+            )
+            .order_by(WebhookDelivery.next_attempt_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+    ).all()
+    if not rows:
+        return []
+    await session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.id.in_([row.id for row in rows]))
+        .values(leased_until=lease_until, attempts=WebhookDelivery.attempts + 1)
+    )
+    return [Claim(id=row.id, attempt=row.attempts + 1) for row in rows]
+
+
+async def settle(session: AsyncSession, claim: Claim, **values: Any) -> bool:
+    """Apply `values` to the claimed delivery unless it was claimed again since; True if applied."""
+    settled = await session.scalar(
+        update(WebhookDelivery)
+        .where(
+            WebhookDelivery.id == claim.id,
+            WebhookDelivery.attempts == claim.attempt,
+            WebhookDelivery.status == PENDING,
+        )
+        .values(leased_until=None, **values)
+        .returning(WebhookDelivery.id)
+    )
+    return settled is not None
+
+
+def disabled(now: datetime, reason: str) -> dict[str, Any]:
+    """An endpoint's values once disabled; its pending deliveries fail when next claimed."""
+    return {"disabled_at": now, "disabled_reason": reason[:200], "updated_at": now}

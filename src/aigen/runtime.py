@@ -1,0 +1,147 @@
+"""The long-running parts, each a coroutine that runs until `stop` is set.
+
+`aigen up` runs them all in one process; `aigen api|worker|backend|notifier|relay` runs one
+each. On stop, consumers take no new message and finish the ones in hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Awaitable, Callable, Generator, Iterable
+
+import structlog
+import uvicorn
+
+from aigen.backend import handlers as backend_handlers
+from aigen.bootstrap import Deps
+from aigen.bus.outbox import Relay
+from aigen.bus.topology import BACKEND, NOTIFICATIONS, WORKFLOW
+from aigen.gateway.app import create_app
+from aigen.notifications import handlers as notification_handlers
+from aigen.notifications.dispatcher import Dispatcher
+from aigen.serving.base import Usage
+from aigen.serving.catalog import UnknownModelError
+from aigen.workflow.handlers import Workflow
+
+log = structlog.get_logger(__name__)
+
+Part = Callable[[Deps, asyncio.Event], Awaitable[None]]
+
+
+def pricer(deps: Deps) -> Callable[[str, Usage], int]:
+    def price(model: str, usage: Usage) -> int:
+        try:
+            return deps.catalog.get(model).charge(usage)
+        except UnknownModelError:
+            # A model removed from the catalog while its job ran: charge nothing rather
+            # than guess; the hold is released in full.
+            return 0
+
+    return price
+
+
+async def run_relay(deps: Deps, stop: asyncio.Event) -> None:
+    relay = Relay(
+        deps.sessionmaker,
+        deps.broker,
+        batch=deps.settings.relay_batch,
+        poll_interval=deps.settings.poll_interval_seconds,
+    )
+    await relay.run(stop)
+
+
+async def run_worker(deps: Deps, stop: asyncio.Event) -> None:
+    workflow = Workflow(deps.sessionmaker, deps.catalog.provider, deps.store, deps.settings)
+    await deps.broker.consume(
+        WORKFLOW,
+        workflow.handle,
+        stop=stop,
+        prefetch=deps.settings.worker_concurrency,
+        on_dead_letter=backend_handlers.make_dead_letter_hook(deps.sessionmaker),
+    )
+
+
+async def run_backend(deps: Deps, stop: asyncio.Event) -> None:
+    await deps.broker.consume(
+        BACKEND,
+        backend_handlers.make_handler(deps.sessionmaker, pricer(deps)),
+        stop=stop,
+        prefetch=deps.settings.prefetch,
+    )
+
+
+async def run_notifier(deps: Deps, stop: asyncio.Event) -> None:
+    dispatcher = Dispatcher(
+        deps.sessionmaker,
+        deps.settings,
+        payload_builder=notification_handlers.make_payload_builder(deps.store, deps.settings),
+    )
+    await asyncio.gather(
+        deps.broker.consume(
+            NOTIFICATIONS,
+            notification_handlers.make_handler(deps.sessionmaker),
+            stop=stop,
+            prefetch=deps.settings.prefetch,
+        ),
+        dispatcher.run(stop),
+    )
+
+
+BACKGROUND: dict[str, Part] = {
+    "relay": run_relay,
+    "worker": run_worker,
+    "backend": run_backend,
+    "notifier": run_notifier,
+}
+
+
+async def run_parts(deps: Deps, names: Iterable[str], stop: asyncio.Event) -> None:
+    """Run background parts until `stop`; one that crashes is logged and restarted."""
+
+    async def supervised(name: str) -> None:
+        while not stop.is_set():
+            try:
+                await BACKGROUND[name](deps, stop)
+            except Exception:
+                log.exception("part.crashed", part=name)
+                await asyncio.sleep(1.0)
+
+    await asyncio.gather(*(supervised(name) for name in names))
+
+
+async def serve_api(
+    deps: Deps, stop: asyncio.Event, *, host: str, port: int, ready: asyncio.Event | None = None
+) -> None:
+    app = create_app(deps.settings, deps=deps)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", lifespan="off", access_log=False
+    )
+    server = EmbeddedServer(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started and not task.done():
+        await asyncio.sleep(0.01)
+    if ready is not None:
+        ready.set()
+    waiter = asyncio.create_task(stop.wait())
+    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    server.should_exit = True
+    await task
+    waiter.cancel()
+
+
+class EmbeddedServer(uvicorn.Server):
+    """uvicorn inside our own event loop: the process's signal handlers stay ours."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    """SIGTERM and SIGINT stop taking work; what is in hand finishes."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)

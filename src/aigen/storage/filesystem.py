@@ -1,0 +1,160 @@
+"""The local-folder store: assets on disk, read back through HMAC-signed, expiring URLs.
+
+A URL is `{public_url}/v1/assets/{key}?expires=<unix seconds>&signature=<hex>`, where the
+signature is HMAC-SHA256 over the key and the expiry under a key derived from the server
+secret. The API serves it after `verify_signed_url` says yes; nothing else is needed, so
+any API process that shares the secret (and the folder) can serve any asset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import os
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import quote, urlencode
+
+from aigen.clock import utcnow
+
+from .base import InvalidKeyError, StorageError, StorageUnavailableError, check_key
+
+# Signing URLs with a key derived for this one purpose means a signature minted here can
+# never be replayed as, say, an API-key hash made with the same server secret.
+_URL_KEY_CONTEXT = b"aigen.storage.asset-url.v1"
+
+
+def _url_key(secret: str) -> bytes:
+    return hmac.new(secret.encode(), _URL_KEY_CONTEXT, hashlib.sha256).digest()
+
+
+def sign_asset_url(key: str, expires: int, *, secret: str) -> str:
+    """The hex signature of `key` valid until `expires` (unix seconds)."""
+    message = f"{key}\n{expires}".encode()
+    return hmac.new(_url_key(secret), message, hashlib.sha256).hexdigest()
+
+
+def verify_signed_url(
+    key: str, expires: int, signature: str, *, secret: str, now: datetime | float
+) -> bool:
+    """True when `signature` was minted for `key` and `expires`, and `now` is before it.
+
+    `key` is the decoded path after `/v1/assets/`; `now` is a datetime or unix seconds.
+    The comparison runs in constant time.
+    """
+    now_seconds = now.timestamp() if isinstance(now, datetime) else now
+    if now_seconds >= expires:
+        return False
+    expected = sign_asset_url(key, expires, secret=secret)
+    try:
+        given = signature.encode("ascii")
+    except UnicodeEncodeError:
+        return False
+    return hmac.compare_digest(expected.encode("ascii"), given)
+
+
+class FilesystemStore:
+    """Assets as files under `root`; the embedded default and the tests' store."""
+
+    def __init__(self, root: Path, *, secret: str, public_url: str) -> None:
+        # Resolved once, so a later chdir cannot move the store and the escape check
+        # compares real paths.
+        self.root = root.expanduser().resolve()
+        self._secret = secret
+        self._public_url = public_url.rstrip("/")
+
+    def path_for(self, key: str) -> Path:
+        """The file that holds `key`; raises `InvalidKeyError` if it would leave the root."""
+        path = (self.root / check_key(key)).resolve()
+        # `check_key` already refuses `..`; this also stops a symlink inside the root
+        # from pointing the write somewhere else.
+        if not path.is_relative_to(self.root):
+            raise InvalidKeyError(f"storage key {key!r} leaves the store")
+        return path
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
+
+    async def put(self, key: str, data: bytes, *, content_type: str) -> None:
+        # The content type is not kept: the assets table holds it, and keys end in an
+        # extension that names it.
+        check_key(key)
+        try:
+            # `path_for` resolves symlinks, which touches the disk: it runs in the thread too.
+            await asyncio.to_thread(lambda: _write_atomically(self.path_for(key), data))
+        except OSError as exc:
+            raise StorageError(f"could not write {key!r}: {exc}") from exc
+
+    async def get(self, key: str) -> bytes:
+        check_key(key)
+        try:
+            return await asyncio.to_thread(lambda: self.path_for(key).read_bytes())
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise KeyError(key) from None
+        except OSError as exc:
+            raise StorageError(f"could not read {key!r}: {exc}") from exc
+
+    async def url(self, key: str, *, expires_in: int) -> tuple[str, datetime]:
+        check_key(key)
+        if expires_in <= 0:
+            raise ValueError("expires_in must be a positive number of seconds")
+        expires = int(utcnow().timestamp()) + expires_in
+        query = urlencode(
+            {"expires": expires, "signature": sign_asset_url(key, expires, secret=self._secret)}
+        )
+        url = f"{self._public_url}/v1/assets/{quote(key, safe='/')}?{query}"
+        return url, datetime.fromtimestamp(expires, UTC)
+
+    async def ping(self) -> None:
+        try:
+            await asyncio.to_thread(_probe_writable, self.root)
+        except OSError as exc:
+            raise StorageUnavailableError(
+                f"asset folder {self.root} is not writable: {exc}"
+            ) from exc
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The temporary file sits in the target's folder so `os.replace` is a rename on one
+    # file system: readers see the old bytes or the new, never a half-written file.
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as tmp:
+            tmp.write(data)
+            tmp.flush()
+            # The job is marked completed right after this returns, so the bytes must
+            # survive a crash that follows.
+            os.fsync(tmp.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not every platform lets a folder be opened.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _probe_writable(root: Path) -> None:
+    # Writing a byte is the honest test: `os.access` misses some reasons a write fails
+    # (quotas, a full disk, some network file systems).
+    with tempfile.TemporaryFile(dir=root) as probe:
+        probe.write(b"\0")
+        probe.flush()

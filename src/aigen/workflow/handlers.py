@@ -1,0 +1,198 @@
+"""The generation workflow (seed steps 8–10): claim, run the model, store, announce.
+
+No database transaction is open while the model runs: the claim commits first, the
+provider call happens outside, and the result (assets already stored) is announced in a
+second transaction together with this consumer's inbox row. A worker that dies in between
+leaves a message whose lease runs out; the next worker claims the job again with a higher
+attempt number, so the dead worker's late result, if any, is refused as stale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from aigen.backend.job import service as job_service
+from aigen.bus import inbox, outbox
+from aigen.bus.messages import (
+    AIGenerationJobCompleted,
+    AIGenerationJobFailed,
+    AIGenerationJobRequested,
+    AssetRef,
+    Envelope,
+)
+from aigen.config import Settings
+from aigen.db.session import Sessionmaker, unit_of_work
+from aigen.models import InboxMessage, Job
+from aigen.serving.base import (
+    ProgressCallback,
+    Provider,
+    ProviderError,
+    ProviderRequest,
+    ProviderResult,
+    ProviderTimeout,
+    RateLimitedByProvider,
+)
+from aigen.storage.base import AssetStore, asset_key
+
+CONSUMER = "workflow"
+# model name → its provider (the serving catalog's `provider`).
+ProviderLookup = Callable[[str], Provider]
+log = structlog.get_logger(__name__)
+
+
+class JobCanceled(Exception):
+    """The job stopped running (canceled, or claimed by a newer attempt) mid-workflow."""
+
+
+class Workflow:
+    """Runs one `AIGenerationJobRequested` message to its result event."""
+
+    def __init__(
+        self,
+        sessionmaker: Sessionmaker,
+        providers: ProviderLookup,
+        store: AssetStore,
+        settings: Settings,
+    ) -> None:
+        self._sessionmaker = sessionmaker
+        self._providers = providers
+        self._store = store
+        self._settings = settings
+
+    async def handle(self, envelope: Envelope) -> None:
+        message = envelope.message()
+        assert isinstance(message, AIGenerationJobRequested)
+        async with unit_of_work(self._sessionmaker) as session:
+            if await session.get(InboxMessage, (CONSUMER, envelope.id)) is not None:
+                return
+            job = await job_service.claim(session, message.job_id)
+        if job is None:
+            log.info("workflow.skipped", job_id=message.job_id, reason="not claimable")
+            return
+        bound = log.bind(job_id=job.id, attempt=job.attempt, model=job.model)
+        bound.info("workflow.claimed")
+        try:
+            result = await self._run(job)
+            refs = await self._store_outputs(job, result)
+            event: AIGenerationJobCompleted | AIGenerationJobFailed = AIGenerationJobCompleted(
+                job_id=job.id,
+                account_id=job.account_id,
+                attempt=job.attempt,
+                assets=refs,
+                usage=result.usage.as_dict(),
+            )
+        except JobCanceled:
+            bound.info("workflow.abandoned")
+            return
+        except ProviderError as error:
+            bound.warning("workflow.provider_failed", code=error.code, error=error.message)
+            event = AIGenerationJobFailed(
+                job_id=job.id,
+                account_id=job.account_id,
+                attempt=job.attempt,
+                error=error.as_error(),
+            )
+        async with unit_of_work(self._sessionmaker) as session:
+            if not await inbox.first_time(session, CONSUMER, envelope.id):
+                return
+            if not await job_service.is_running(session, job.id, job.attempt):
+                bound.info("workflow.result_discarded", reason="job no longer running")
+                return
+            outbox.add(session, event, traceparent=envelope.traceparent)
+        bound.info("workflow.finished", event_type=type(event).__name__)
+
+    async def _run(self, job: Job) -> ProviderResult:
+        """Call the provider with a time limit, retrying retryable errors with backoff."""
+        provider = self._providers(job.model)
+        tries = max(1, self._settings.provider_max_tries)
+        for number in range(1, tries + 1):
+            try:
+                return await self._run_once(provider, job)
+            except ProviderError as error:
+                if not error.retryable or number == tries:
+                    raise
+                delay = self._settings.provider_retry_base_seconds * 2 ** (number - 1)
+                if isinstance(error, RateLimitedByProvider) and error.retry_after:
+                    delay = max(delay, error.retry_after)
+                delay *= random.uniform(0.8, 1.2)
+                log.info("workflow.retry", job_id=job.id, code=error.code, delay=round(delay, 3))
+                await asyncio.sleep(delay)
+                await self._ensure_running(job)
+        raise AssertionError("unreachable")
+
+    async def _run_once(self, provider: Provider, job: Job) -> ProviderResult:
+        request = ProviderRequest(
+            job_id=job.id,
+            model=job.model,
+            task=job.task,
+            input=job.input,
+            on_progress=self._progress_reporter(job),
+        )
+        call = asyncio.ensure_future(provider.run(request))
+        watcher = asyncio.ensure_future(self._watch_cancel(job))
+        try:
+            async with asyncio.timeout(self._settings.provider_timeout_seconds):
+                done, _ = await asyncio.wait({call, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        except TimeoutError:
+            raise ProviderTimeout(
+                f"the model did not answer within {self._settings.provider_timeout_seconds} s"
+            ) from None
+        finally:
+            watcher.cancel()
+            if not call.done():
+                # Canceled mid-call (or timed out): interrupt the provider, don't wait for it.
+                call.cancel()
+        if call not in done:
+            raise JobCanceled(job.id)
+        return call.result()
+
+    async def _watch_cancel(self, job: Job) -> None:
+        """Returns when the job stops running, so the provider call can be interrupted."""
+        while True:
+            await asyncio.sleep(self._settings.cancel_poll_seconds)
+            async with self._sessionmaker() as session:
+                if not await job_service.is_running(session, job.id, job.attempt):
+                    return
+
+    async def _ensure_running(self, job: Job) -> None:
+        async with self._sessionmaker() as session:
+            if not await job_service.is_running(session, job.id, job.attempt):
+                raise JobCanceled(job.id)
+
+    def _progress_reporter(self, job: Job) -> ProgressCallback:
+        last = 0.0
+
+        async def report(progress: dict[str, Any]) -> None:
+            nonlocal last
+            now = time.monotonic()
+            if now - last < self._settings.progress_interval_seconds:
+                return
+            last = now
+            async with unit_of_work(self._sessionmaker) as session:
+                await job_service.set_progress(session, job.id, job.attempt, progress)
+
+        return report
+
+    async def _store_outputs(self, job: Job, result: ProviderResult) -> list[AssetRef]:
+        await self._ensure_running(job)
+        refs = []
+        for index, output in enumerate(result.outputs):
+            key = asset_key(job.account_id, job.id, index, output.ext)
+            await self._store.put(key, output.data, content_type=output.content_type)
+            refs.append(
+                AssetRef(
+                    key=key,
+                    content_type=output.content_type,
+                    bytes=len(output.data),
+                    sha256=hashlib.sha256(output.data).hexdigest(),
+                    index=index,
+                )
+            )
+        return refs
