@@ -1,7 +1,8 @@
 """Shared fixtures: settings in a temporary folder and a migrated database per test.
 
-`AIGEN_TEST_DATABASE_URL` (a PostgreSQL URL) runs the database-backed tests on PostgreSQL;
-each test then gets a fresh database of its own, created from the given server.
+Every database-backed test runs twice: on SQLite (the embedded default) and on PostgreSQL
+(`AIGEN_TEST_POSTGRES_URL`, default the local server), each time in a fresh database of its
+own. `-m "not postgres"` leaves the PostgreSQL runs out on a machine without the server.
 """
 
 from __future__ import annotations
@@ -43,10 +44,15 @@ def make_settings(tmp_path: Path, **overrides: object) -> Settings:
     return Settings(**values)  # type: ignore[arg-type]
 
 
-async def _fresh_database_url(tmp_path: Path) -> tuple[str, str | None]:
-    base = os.environ.get("AIGEN_TEST_DATABASE_URL")
-    if not base:
+POSTGRES_URL = os.environ.get(
+    "AIGEN_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
+)
+
+
+async def _fresh_database_url(tmp_path: Path, kind: str) -> tuple[str, str | None]:
+    if kind == "sqlite":
         return f"sqlite+aiosqlite:///{tmp_path / 'test.db'}", None
+    base = POSTGRES_URL
     name = f"aigen_test_{uuid.uuid4().hex[:12]}"
     admin = create_engine(base)
     async with admin.connect() as conn:
@@ -57,16 +63,16 @@ async def _fresh_database_url(tmp_path: Path) -> tuple[str, str | None]:
 
 
 async def _drop_database(name: str) -> None:
-    admin = create_engine(os.environ["AIGEN_TEST_DATABASE_URL"])
+    admin = create_engine(POSTGRES_URL)
     async with admin.connect() as conn:
         await conn.execution_options(isolation_level="AUTOCOMMIT")
         await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     await admin.dispose()
 
 
-@pytest.fixture
-async def database_url(tmp_path: Path) -> AsyncIterator[str]:
-    url, name = await _fresh_database_url(tmp_path)
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    url, name = await _fresh_database_url(tmp_path, request.param)
     yield url
     if name:
         await _drop_database(name)

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from aigen.bus.broker import Broker
 from aigen.bus.database import DatabaseBroker
+from aigen.bus.rabbitmq import RabbitMQBroker
 from aigen.config import Settings
 from aigen.db.session import Sessionmaker, create_engine, create_sessionmaker
 from aigen.gateway.rate_limit import InProcessLimiter, Limiter
@@ -48,6 +49,15 @@ def create_broker(settings: Settings, sessionmaker: Sessionmaker) -> Broker:
             delivery_limit=settings.delivery_limit,
             retry_base=settings.retry_base_seconds,
             retry_max=settings.retry_max_seconds,
+        )
+    if settings.broker_url.startswith(("amqp://", "amqps://")):
+        return RabbitMQBroker(
+            settings.broker_url,
+            namespace=settings.rabbitmq_namespace,
+            delivery_limit=settings.delivery_limit,
+            retry_base=settings.retry_base_seconds,
+            retry_max=settings.retry_max_seconds,
+            retry_buckets=settings.rabbitmq_retry_buckets or None,
         )
     raise ValueError(f"unsupported AIGEN_BROKER_URL {settings.broker_url!r}")
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 import secrets
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -53,6 +54,10 @@ class Settings(BaseSettings):
     # Local models load lazily on first use; `false` keeps them out of the catalog.
     local_models: bool = True
 
+    log_level: str = "info"
+    # JSON log lines (production); unset: JSON outside development.
+    log_json: bool | None = None
+
     # Gateway
     max_body_bytes: int = 256 * 1024
     default_rpm: int = 600
@@ -67,6 +72,12 @@ class Settings(BaseSettings):
     retry_max_seconds: float = 300.0
     relay_batch: int = 100
     prefetch: int = 8
+    # RabbitMQ broker: a prefix for every queue and exchange name (several deployments or
+    # test runs on one server), and the TTL retry queues in seconds (comma-separated;
+    # unset: retry_base_seconds / 4 times powers of 4 up to retry_max_seconds).
+    rabbitmq_namespace: str = ""
+    # NoDecode: the environment's `1,5,30` reaches `_split_commas` instead of a JSON parser.
+    rabbitmq_retry_buckets: Annotated[list[float], NoDecode] = Field(default_factory=list)
 
     # Workflow
     worker_concurrency: int = 4
@@ -101,7 +112,9 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
 
-    @field_validator("webhook_retry_schedule", "webhook_allow_networks", mode="before")
+    @field_validator(
+        "webhook_retry_schedule", "webhook_allow_networks", "rabbitmq_retry_buckets", mode="before"
+    )
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         # `AIGEN_WEBHOOK_RETRY_SCHEDULE=0,5,300` reads as a list, as DESIGN §11 promises.

@@ -7,7 +7,8 @@ import json
 
 from standardwebhooks.webhooks import Webhook
 
-from tests.fixtures.platform import Platform
+from aigen.config import Settings
+from tests.fixtures.platform import Platform, start_platform
 
 
 class TestHappyPath:
@@ -43,7 +44,8 @@ class TestHappyPath:
             final = (await client.get(f"/v1/generate/{job['id']}")).json()
             assert final["status"] == "completed"
             assert final["metadata"] == {"order": "42"}
-            assert final["started_at"] and final["completed_at"]
+            assert final["started_at"]
+            assert final["completed_at"]
             # 4 output tokens at 1000 per 1k = 4 credits, plus 1 per request.
             assert final["usage"]["output_tokens"] == 4
             assert final["credits_charged"] == 5
@@ -123,11 +125,7 @@ class TestFailurePath:
 
 
 class TestCancel:
-    async def test_cancel_pending_refunds_in_full(self, settings: object, engine: object) -> None:
-        from aigen.config import Settings  # noqa: PLC0415
-        from tests.fixtures.platform import start_platform  # noqa: PLC0415
-
-        assert isinstance(settings, Settings)
+    async def test_cancel_pending_refunds_in_full(self, settings: Settings, engine: object) -> None:
         # No worker: the job stays pending until it is canceled.
         async for platform in start_platform(settings, parts=["relay", "backend", "notifier"]):
             customer = await platform.customer(credits=20)

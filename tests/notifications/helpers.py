@@ -51,5 +51,5 @@ async def eventually(
     """Wait until `check()` is true; fail the test after `within` seconds."""
     async with asyncio.timeout(within):
         # The state lives in the database, where no event can be awaited: poll it.
-        while not await check():  # noqa: ASYNC110
+        while not await check():
             await asyncio.sleep(every)

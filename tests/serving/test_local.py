@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -100,3 +101,34 @@ async def test_embedding() -> None:
     assert dot(first, first) == pytest.approx(1.0, abs=1e-3)
     assert dot(first, second) > dot(first, third)
     assert result.usage.input_tokens >= 9
+
+
+class _FakeModel(local._LocalModel[object]):
+    """The locking of the local providers, on a stand-in model that only sleeps."""
+
+    loads = 0
+
+    def _load(self) -> object:
+        self.loads += 1
+        return object()
+
+
+async def test_one_call_at_a_time_even_when_a_caller_is_canceled() -> None:
+    model = _FakeModel(ModelSpec(name="m", provider="local", task="text"))
+    active = peak = 0
+
+    def work(_: object) -> None:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        time.sleep(0.05)
+        active -= 1
+
+    async def call() -> None:
+        await asyncio.shield(await model._start(work))
+
+    tasks = [asyncio.create_task(call()) for _ in range(4)]
+    await asyncio.sleep(0.01)
+    tasks[0].cancel()  # its thread runs on; the next call must still wait for it
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert (peak, model.loads) == (1, 1)

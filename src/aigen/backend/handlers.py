@@ -52,7 +52,9 @@ def make_handler(sessionmaker: Sessionmaker, pricer: Pricer) -> Handler:
             else:
                 assert isinstance(message, AIGenerationJobRequested)
                 outcome = "ignored"
-        log.info("backend.applied", event_type=envelope.type, job_id=envelope.job_id, outcome=outcome)
+        log.info(
+            "backend.applied", event_type=envelope.type, job_id=envelope.job_id, outcome=outcome
+        )
 
     return handle
 

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from aigen import runtime
+from aigen import logs, runtime
 from aigen.backend.account import service as account_service
 from aigen.backend.billing import service as billing
 from aigen.backend.key import service as key_service
@@ -174,6 +174,8 @@ def demo(
     max_tokens: Annotated[int, typer.Option(min=1, max=512)] = 24,
 ) -> None:
     """Run one real local-model job through every step of the sequence, and show it."""
+    # The demo prints the steps itself; the platform's own log shows warnings only.
+    logs.configure(json=False, level="warning")
     with tempfile.TemporaryDirectory(prefix="aigen-demo-") as folder:
         asyncio.run(_demo(Path(folder), model, max_tokens))
     typer.echo("demo finished: every step of the sequence ran")

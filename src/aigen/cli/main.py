@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from aigen import runtime
+from aigen import logs, runtime
 from aigen.bootstrap import build_deps
-from aigen.config import Settings
+from aigen.config import Environment, Settings
 from aigen.db.migrate import upgrade
 from aigen.db.session import create_engine
 
@@ -42,6 +42,10 @@ async def _migrate(settings: Settings) -> None:
 async def _run(
     settings: Settings, parts: list[str], *, api: tuple[str, int] | None, migrate: bool
 ) -> None:
+    json_logs = settings.log_json
+    if json_logs is None:
+        json_logs = settings.environment is not Environment.development
+    logs.configure(json=json_logs, level=settings.log_level)
     if migrate:
         await _migrate(settings)
     deps = await build_deps(settings)

@@ -79,6 +79,7 @@ class Catalog:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Catalog:
+        """Built-ins and the models file of `settings` (the same as `Catalog(settings)`)."""
         return cls(settings)
 
     def get(self, name: str) -> ModelSpec:
@@ -95,8 +96,8 @@ class Catalog:
     def provider(self, name: str) -> Provider:
         """The provider of model `name`, built on first use and kept.
 
-        Raises `UnknownModelError`, or `ProviderMisconfigured` when its module cannot be
-        imported (the `[local]` extra is not installed).
+        Raises `UnknownModelError`, or `ProviderMisconfigured` when the provider cannot be
+        built (the `[local]` extra is not installed, a key variable is not set).
         """
         provider = self._providers.get(name)
         if provider is None:

@@ -110,7 +110,13 @@ class Workflow:
 
     async def _run(self, job: Job) -> ProviderResult:
         """Call the provider with a time limit, retrying retryable errors with backoff."""
-        provider = self._providers(job.model)
+        try:
+            provider = self._providers(job.model)
+        except KeyError:
+            # The model left the catalog while the job waited: nothing can run it.
+            raise ProviderError(
+                f"the model {job.model!r} is no longer offered", code="unknown_model"
+            ) from None
         tries = max(1, self._settings.provider_max_tries)
         for number in range(1, tries + 1):
             try:
