@@ -7,21 +7,29 @@ own. `-m "not postgres"` leaves the PostgreSQL runs out on a machine without the
 
 from __future__ import annotations
 
+import asyncio
 import os
+import shutil
+import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
+import asyncpg
 import pytest
-from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from aigen import models  # noqa: F401  (registers every table)
 from aigen.config import Settings
+from aigen.db.base import Model
 from aigen.db.migrate import upgrade
 from aigen.db.session import Sessionmaker, create_engine, create_sessionmaker
 
-pytest_plugins = ["tests.fixtures.platform"]
+T = TypeVar("T")
+
+pytest_plugins = ["tests.fixtures.platform", "tests.fixtures.redis"]
 
 
 def make_settings(tmp_path: Path, **overrides: object) -> Settings:
@@ -49,33 +57,77 @@ POSTGRES_URL = os.environ.get(
 )
 
 
-async def _fresh_database_url(tmp_path: Path, kind: str) -> tuple[str, str | None]:
-    if kind == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path / 'test.db'}", None
-    base = POSTGRES_URL
+def _in_own_loop(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine from a session fixture, away from the tests' event loops."""
+    result: list[T] = []
+    thread = threading.Thread(target=lambda: result.append(asyncio.run(coro)))
+    thread.start()
+    thread.join()
+    return result[0]
+
+
+async def _migrate(url: str) -> None:
+    engine = create_engine(url)
+    await upgrade(engine)
+    await engine.dispose()
+
+
+def _postgres(database: str | None = None) -> str:
+    url = make_url(POSTGRES_URL).set(drivername="postgresql")
+    if database:
+        url = url.set(database=database)
+    return url.render_as_string(hide_password=False)
+
+
+async def _execute(dsn: str, *statements: str) -> None:
+    connection = await asyncpg.connect(dsn)
+    try:
+        for statement in statements:
+            await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Migrated once; each test copies the file (a migration per test costs far more)."""
+    path = tmp_path_factory.mktemp("template") / "template.db"
+    _in_own_loop(_migrate(f"sqlite+aiosqlite:///{path}"))
+    return path
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[str]:
+    """One migrated database for the session; each test starts from emptied tables."""
     name = f"aigen_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(base)
-    async with admin.connect() as conn:
-        await conn.execution_options(isolation_level="AUTOCOMMIT")
-        await conn.execute(text(f'CREATE DATABASE "{name}"'))
-    await admin.dispose()
-    return make_url(base).set(database=name).render_as_string(hide_password=False), name
+    _in_own_loop(_execute(_postgres(), f'CREATE DATABASE "{name}"'))
+    url = make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    _in_own_loop(_migrate(url))
+    yield name
+    _in_own_loop(_execute(_postgres(), f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
-async def _drop_database(name: str) -> None:
-    admin = create_engine(POSTGRES_URL)
-    async with admin.connect() as conn:
-        await conn.execution_options(isolation_level="AUTOCOMMIT")
-        await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    await admin.dispose()
+# Every table but Alembic's own, emptied before each PostgreSQL test: far cheaper than a
+# database per test. Connections a previous test left behind are ended first, so no lock
+# of theirs can stall the TRUNCATE.
+_EMPTY_TABLES = f"""
+SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+ WHERE datname = current_database() AND pid <> pg_backend_pid();
+TRUNCATE {", ".join(t.name for t in Model.metadata.sorted_tables)} RESTART IDENTITY CASCADE;
+"""
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    url, name = await _fresh_database_url(tmp_path, request.param)
-    yield url
-    if name:
-        await _drop_database(name)
+    """A migrated database holding nothing, for this test alone."""
+    if request.param == "sqlite":
+        path = tmp_path / "test.db"
+        shutil.copyfile(request.getfixturevalue("sqlite_template"), path)
+        yield f"sqlite+aiosqlite:///{path}"
+        return
+    name = request.getfixturevalue("postgres_database")
+    await _execute(_postgres(name), _EMPTY_TABLES)
+    yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
 
 
 @pytest.fixture
@@ -86,7 +138,6 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
 @pytest.fixture
 async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
     engine = create_engine(database_url)
-    await upgrade(engine)
     yield engine
     await engine.dispose()
 
@@ -94,3 +145,18 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
 @pytest.fixture
 def sessionmaker(engine: AsyncEngine) -> Sessionmaker:
     return create_sessionmaker(engine)
+
+
+async def _fresh_database_url(tmp_path: Path, kind: str) -> tuple[str, str | None]:
+    """A database of its own (for tests whose processes outlive one test's tables)."""
+    if kind == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'own.db'}", None
+    name = f"aigen_own_{uuid.uuid4().hex[:12]}"
+    await _execute(_postgres(), f'CREATE DATABASE "{name}"')
+    url = make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    await _migrate(url)
+    return url, name
+
+
+async def _drop_database(name: str) -> None:
+    await _execute(_postgres(), f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

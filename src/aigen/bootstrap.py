@@ -6,16 +6,18 @@ tests swap an adapter by passing their own.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from aigen.broadcast import LocalRevocations, RedisRevocations, Revocations
 from aigen.bus.broker import Broker
 from aigen.bus.database import DatabaseBroker
 from aigen.bus.rabbitmq import RabbitMQBroker
 from aigen.config import Settings
 from aigen.db.session import Sessionmaker, create_engine, create_sessionmaker
-from aigen.gateway.rate_limit import InProcessLimiter, Limiter
+from aigen.limits import InProcessLimiter, Limiter
+from aigen.limits.redis import RedisLimiter
 from aigen.serving.catalog import Catalog
 from aigen.storage import create_store
 from aigen.storage.base import AssetStore
@@ -31,12 +33,14 @@ class Deps:
     catalog: Catalog
     store: AssetStore
     limiter: Limiter
+    revocations: Revocations = field(default_factory=LocalRevocations)
 
     async def aclose(self) -> None:
         await self.broker.aclose()
         await self.catalog.aclose()
         await self.store.aclose()
         await self.limiter.aclose()
+        await self.revocations.aclose()
         await self.engine.dispose()
 
 
@@ -63,11 +67,26 @@ def create_broker(settings: Settings, sessionmaker: Sessionmaker) -> Broker:
 
 
 def create_limiter(settings: Settings) -> Limiter:
+    """Limits shared by every API process through Redis, else kept in this process."""
+    if settings.redis_url:
+        return RedisLimiter.from_url(settings.redis_url, prefix=settings.redis_prefix)
     return InProcessLimiter()
 
 
+def create_revocations(settings: Settings) -> Revocations:
+    if settings.redis_url:
+        return RedisRevocations.from_url(settings.redis_url, prefix=settings.redis_prefix)
+    return LocalRevocations()
+
+
 async def build_deps(settings: Settings, *, catalog: Catalog | None = None) -> Deps:
-    engine = create_engine(settings.database_url)
+    engine = create_engine(
+        settings.database_url,
+        pool_size=settings.database_pool_size,
+        connect_timeout=settings.database_connect_timeout_seconds,
+        pool_timeout=settings.database_pool_timeout_seconds,
+        command_timeout=settings.database_command_timeout_seconds,
+    )
     sessionmaker = create_sessionmaker(engine)
     store = create_store(settings)
     await store.start()
@@ -82,4 +101,5 @@ async def build_deps(settings: Settings, *, catalog: Catalog | None = None) -> D
         catalog=catalog or Catalog.from_settings(settings),
         store=store,
         limiter=create_limiter(settings),
+        revocations=create_revocations(settings),
     )

@@ -39,8 +39,20 @@ class Settings(BaseSettings):
     environment: Environment = Environment.development
     data_dir: Path = Path("./data")
     database_url: str = ""
+    # PostgreSQL connections each process keeps (and as many again at peaks): every
+    # process of a deployment counts against the server's `max_connections`.
+    database_pool_size: int = Field(default=10, ge=1)
+    # PostgreSQL: how long to wait for a new connection, for a free one in the pool, and
+    # for one statement's answer. A database that stops answering then fails requests in
+    # seconds (503 at the API) instead of holding them until TCP gives up.
+    database_connect_timeout_seconds: float = 5.0
+    database_pool_timeout_seconds: float = 10.0
+    database_command_timeout_seconds: float | None = 60.0
     broker_url: str = "database"
     redis_url: str | None = None
+    # Every Redis key and channel starts with this (several deployments or test runs on one
+    # server).
+    redis_prefix: str = "aigen:"
     storage_url: str = ""
     secret_key: str = ""
     # Base URL the API is reached at; asset URLs of the local folder store are minted on it.
@@ -63,6 +75,8 @@ class Settings(BaseSettings):
     default_rpm: int = 600
     default_concurrency: int = 20
     key_cache_seconds: float = 5.0
+    # How often the backend expires pending jobs whose deadline passed (and refunds them).
+    sweep_interval_seconds: float = 1.0
 
     # Queue (database broker and consumers)
     lease_seconds: float = 30.0
@@ -92,14 +106,21 @@ class Settings(BaseSettings):
     asset_url_ttl_seconds: int = 3600
 
     # Webhooks (DESIGN §7)
-    webhook_retry_schedule: list[float] = Field(
+    webhook_retry_schedule: Annotated[list[float], NoDecode] = Field(
         default_factory=lambda: [0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0]
     )
     webhook_timeout_seconds: float = 15.0
     webhook_jitter: float = 0.2
     webhook_min_delay_after_throttle_seconds: float = 60.0
-    webhook_allow_networks: list[str] = Field(default_factory=list)
+    webhook_allow_networks: Annotated[list[str], NoDecode] = Field(default_factory=list)
     webhook_disable_after_seconds: float = 5 * 24 * 3600.0
+    # Refuse `http://` endpoint URLs (at creation and at every attempt).
+    webhook_https_only: bool = False
+    # Attempts one notifier process makes at once.
+    webhook_concurrency: int = Field(default=16, ge=1)
+    # `GET /v1/events` shows an event once it is this old: a PostgreSQL transaction may
+    # commit after a later-numbered one, and a cursor must not pass it while in flight.
+    events_feed_delay_seconds: float = Field(default=2.0, ge=0)
 
     @classmethod
     def settings_customise_sources(

@@ -15,10 +15,12 @@ import structlog
 import uvicorn
 
 from aigen.backend import handlers as backend_handlers
+from aigen.backend import sweeper
 from aigen.bootstrap import Deps
 from aigen.bus.outbox import Relay
+from aigen.bus.patience import patient
 from aigen.bus.topology import BACKEND, NOTIFICATIONS, WORKFLOW
-from aigen.gateway.app import create_app
+from aigen.gateway.app import create_app, watch_revocations
 from aigen.notifications import handlers as notification_handlers
 from aigen.notifications.dispatcher import Dispatcher
 from aigen.serving.base import Usage
@@ -42,6 +44,11 @@ def pricer(deps: Deps) -> Callable[[str, Usage], int]:
     return price
 
 
+def patience(deps: Deps) -> float:
+    """Seconds a consumer waits before trying again a message the database was away for."""
+    return min(5.0, deps.settings.retry_max_seconds)
+
+
 async def run_relay(deps: Deps, stop: asyncio.Event) -> None:
     relay = Relay(
         deps.sessionmaker,
@@ -56,7 +63,7 @@ async def run_worker(deps: Deps, stop: asyncio.Event) -> None:
     workflow = Workflow(deps.sessionmaker, deps.catalog.provider, deps.store, deps.settings)
     await deps.broker.consume(
         WORKFLOW,
-        workflow.handle,
+        patient(workflow.handle, delay=patience(deps)),
         stop=stop,
         prefetch=deps.settings.worker_concurrency,
         on_dead_letter=backend_handlers.make_dead_letter_hook(deps.sessionmaker),
@@ -64,12 +71,24 @@ async def run_worker(deps: Deps, stop: asyncio.Event) -> None:
 
 
 async def run_backend(deps: Deps, stop: asyncio.Event) -> None:
-    await deps.broker.consume(
-        BACKEND,
-        backend_handlers.make_handler(deps.sessionmaker, pricer(deps)),
-        stop=stop,
-        prefetch=deps.settings.prefetch,
-    )
+    # A task group: if the consumer fails, the sweeper stops with it and both restart.
+    async with asyncio.TaskGroup() as group:
+        group.create_task(
+            deps.broker.consume(
+                BACKEND,
+                patient(
+                    backend_handlers.make_handler(
+                        deps.sessionmaker, pricer(deps), limiter=deps.limiter
+                    ),
+                    delay=patience(deps),
+                ),
+                stop=stop,
+                prefetch=deps.settings.prefetch,
+            )
+        )
+        group.create_task(
+            sweeper.run(deps.sessionmaker, stop, interval=deps.settings.sweep_interval_seconds)
+        )
 
 
 async def run_notifier(deps: Deps, stop: asyncio.Event) -> None:
@@ -77,11 +96,13 @@ async def run_notifier(deps: Deps, stop: asyncio.Event) -> None:
         deps.sessionmaker,
         deps.settings,
         payload_builder=notification_handlers.make_payload_builder(deps.store, deps.settings),
+        concurrency=deps.settings.webhook_concurrency,
+        https_only=deps.settings.webhook_https_only,
     )
     await asyncio.gather(
         deps.broker.consume(
             NOTIFICATIONS,
-            notification_handlers.make_handler(deps.sessionmaker),
+            patient(notification_handlers.make_handler(deps.sessionmaker), delay=patience(deps)),
             stop=stop,
             prefetch=deps.settings.prefetch,
         ),
@@ -115,6 +136,8 @@ async def serve_api(
     deps: Deps, stop: asyncio.Event, *, host: str, port: int, ready: asyncio.Event | None = None
 ) -> None:
     app = create_app(deps.settings, deps=deps)
+    # lifespan="off" below: the revocation listener that the lifespan would start runs here.
+    watcher = asyncio.create_task(watch_revocations(app, stop))
     config = uvicorn.Config(
         app, host=host, port=port, log_level="warning", lifespan="off", access_log=False
     )
@@ -129,6 +152,9 @@ async def serve_api(
     server.should_exit = True
     await task
     waiter.cancel()
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
 
 
 class EmbeddedServer(uvicorn.Server):

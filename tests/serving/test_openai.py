@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from collections.abc import AsyncIterator
@@ -61,19 +62,26 @@ async def _run(catalog: Catalog, task: str, **input: Any) -> Any:
 
 
 class TestText:
-    async def test_chat_completion(self, base_url: str, app: Starlette) -> None:
-        result = await _run(
-            _catalog(base_url, "text"),
-            "text",
-            prompt="hello",
-            system="be brief",
-            max_tokens=5,
-            temperature=0.3,
-        )
+    async def test_streamed_chat_completion(self, base_url: str, app: Starlette) -> None:
+        progress: list[dict[str, Any]] = []
+
+        async def on_progress(update: dict[str, Any]) -> None:
+            progress.append(update)
+
+        catalog = _catalog(base_url, "text")
+        input = {"prompt": "hello", "system": "be brief", "max_tokens": 5, "temperature": 0.3}
+        try:
+            result = await catalog.provider("m").run(
+                ProviderRequest("job", "m", "text", input, on_progress=on_progress)
+            )
+        finally:
+            await catalog.aclose()
         [output] = result.outputs
         assert output.data == b"echo: hello"
         assert output.content_type.startswith("text/plain")
-        assert result.usage == Usage(input_tokens=11, output_tokens=3)
+        # The usage of the stream's last chunk: 3 words + 8 template tokens, 2 words out.
+        assert result.usage == Usage(input_tokens=11, output_tokens=2)
+        assert progress == [{"output_tokens": 1}, {"output_tokens": 2}]
         [sent] = app.state.requests
         assert sent["model"] == "up-model"
         assert sent["messages"] == [
@@ -81,15 +89,67 @@ class TestText:
             {"role": "user", "content": "hello"},
         ]
         assert (sent["max_tokens"], sent["temperature"]) == (5, 0.3)
+        assert (sent["stream"], sent["stream_options"]) == (True, {"include_usage": True})
         assert sent["headers"]["authorization"] == "Bearer sk-loopback"
+
+    async def test_unstreamed_chat_completion(self, base_url: str, app: Starlette) -> None:
+        catalog = _catalog(base_url, "text", stream=False)
+        result = await _run(catalog, "text", prompt="hello there", max_tokens=2)
+        assert result.outputs[0].data == b"echo: hello"  # cut at max_tokens words
+        assert result.usage == Usage(input_tokens=10, output_tokens=2)
+        assert "stream" not in app.state.requests[0]
+
+    async def test_stream_without_usage_counts_chunks(self, base_url: str) -> None:
+        # llama_cpp.server ignores `stream_options`: output tokens are the chunks counted.
+        result = await _run(_catalog(base_url, "text"), "text", prompt="no-usage")
+        assert result.outputs[0].data == b"echo: no-usage"
+        assert result.usage == Usage(output_tokens=2)
 
     async def test_temperature_left_to_the_server(self, base_url: str, app: Starlette) -> None:
         await _run(_catalog(base_url, "text"), "text", prompt="hello")
         assert "temperature" not in app.state.requests[0]
 
-    async def test_content_filter(self, base_url: str) -> None:
+    @pytest.mark.parametrize("stream", [True, False])
+    async def test_content_filter(self, base_url: str, stream: bool) -> None:
         with pytest.raises(ContentRejected):
-            await _run(_catalog(base_url, "text"), "text", prompt="filtered")
+            await _run(_catalog(base_url, "text", stream=stream), "text", prompt="filtered")
+
+    async def test_error_mid_stream_is_retryable(self, base_url: str) -> None:
+        with pytest.raises(ProviderUnavailable, match="the model crashed") as caught:
+            await _run(_catalog(base_url, "text"), "text", prompt="stream-error")
+        assert caught.value.retryable
+
+
+class TestCancel:
+    @pytest.mark.parametrize(
+        ("task", "input", "options"),
+        [
+            ("text", {"prompt": "hang"}, {}),
+            ("text", {"prompt": "hang"}, {"stream": False}),
+            ("image", {"prompt": "hang"}, {}),
+            ("embedding", {"text": "hang"}, {}),
+        ],
+    )
+    async def test_cancel_drops_the_connection(
+        self,
+        base_url: str,
+        app: Starlette,
+        task: str,
+        input: dict[str, Any],
+        options: dict[str, Any],
+    ) -> None:
+        catalog = _catalog(base_url, task, **options)
+        call = asyncio.create_task(_run(catalog, task, **input))
+        async with asyncio.timeout(5):
+            while not app.state.requests:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)  # into the wait, or for a stream, its first chunks
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            while not app.state.dropped:
+                await asyncio.sleep(0.01)
+        assert app.state.dropped == ["hang"]
 
 
 class TestImage:
@@ -99,7 +159,7 @@ class TestImage:
         assert {(output.content_type, output.ext) for output in result.outputs} == {
             ("image/png", "png")
         }
-        assert result.usage == Usage(input_tokens=5, images=2)
+        assert result.usage == Usage(input_tokens=2, images=2)
 
     async def test_url_answers_are_fetched(self, base_url: str, app: Starlette) -> None:
         result = await _run(_catalog(base_url, "image"), "image", prompt="url", size="256x256")
@@ -116,7 +176,7 @@ class TestEmbedding:
             "data": [[0.0, 0.5], [1.0, 0.5], [2.0, 0.5]],
             "model": "up-model",
         }
-        assert result.usage == Usage(input_tokens=4)
+        assert result.usage == Usage(input_tokens=3)
 
 
 class TestErrors:

@@ -13,6 +13,7 @@ import structlog
 from aigen.bus import inbox, outbox
 from aigen.bus.broker import DeadLetterHook, Handler
 from aigen.bus.messages import (
+    REQUESTED,
     AIGenerationJobCanceled,
     AIGenerationJobCompleted,
     AIGenerationJobFailed,
@@ -20,7 +21,9 @@ from aigen.bus.messages import (
     Envelope,
 )
 from aigen.db.session import Sessionmaker, unit_of_work
+from aigen.limits import Limiter
 from aigen.models import Job
+from aigen.models.job import TERMINAL
 from aigen.serving.base import Usage
 
 from .job import service as job_service
@@ -32,9 +35,15 @@ log = structlog.get_logger(__name__)
 Pricer = Callable[[str, Usage], int]
 
 
-def make_handler(sessionmaker: Sessionmaker, pricer: Pricer) -> Handler:
+def make_handler(
+    sessionmaker: Sessionmaker, pricer: Pricer, *, limiter: Limiter | None = None
+) -> Handler:
+    """With `limiter`, a job that has ended gives the unspent part of its hold back to the
+    key's credit quotas, after the commit (the limiter makes that happen once per job)."""
+
     async def handle(envelope: Envelope) -> None:
         message = envelope.message()
+        ended: Job | None = None
         async with unit_of_work(sessionmaker) as session:
             if not await inbox.first_time(session, CONSUMER, envelope.id):
                 return
@@ -52,6 +61,12 @@ def make_handler(sessionmaker: Sessionmaker, pricer: Pricer) -> Handler:
             else:
                 assert isinstance(message, AIGenerationJobRequested)
                 outcome = "ignored"
+            if envelope.job_id and not isinstance(message, AIGenerationJobRequested):
+                current = await session.get(Job, envelope.job_id)
+                ended = current if current is not None and current.status in TERMINAL else None
+        if limiter is not None and ended is not None:
+            unspent = ended.credits_reserved - (ended.credits_charged or 0)
+            await limiter.refund(ended.api_key_id, ended.id, credits=unspent)
         log.info(
             "backend.applied", event_type=envelope.type, job_id=envelope.job_id, outcome=outcome
         )
@@ -63,11 +78,13 @@ def make_dead_letter_hook(sessionmaker: Sessionmaker) -> DeadLetterHook:
     """A requested job whose message was dead-lettered fails and is refunded, not lost."""
 
     async def on_dead_letter(envelope: Envelope, error: str) -> None:
-        message = envelope.message()
-        if not isinstance(message, AIGenerationJobRequested):
+        # Only the job id is read: a message dead-lettered because its data could not be
+        # parsed must still fail its job rather than leave it pending with its hold.
+        job_id = envelope.data.get("job_id")
+        if envelope.type != REQUESTED or not isinstance(job_id, str):
             return
         async with unit_of_work(sessionmaker) as session:
-            job = await session.get(Job, message.job_id)
+            job = await session.get(Job, job_id)
             if job is None:
                 return
             failed = AIGenerationJobFailed(

@@ -2,15 +2,29 @@
 
 `add` runs inside the caller's transaction; the `Relay` publishes unsent rows and stamps
 them sent, so a crash anywhere neither loses an event nor announces an uncommitted change.
+
+Wake-ups: a relay polls every `poll_interval`, and is also woken as soon as a transaction
+that added outbox rows commits: at once in the same process (`aigen up`), and through
+PostgreSQL's `NOTIFY aigen_outbox` (sent on the committing connection just after the
+commit, outside any lock) in other processes. A wake-up is only a hint; the poll stays
+the guarantee, so a lost notice delays an event by one poll at most.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
+import weakref
+from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
 import structlog
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import Pool
+from sqlalchemy.util import await_only
 
 from aigen.aio import sleep_or_stop, wait_any
 from aigen.clock import utcnow
@@ -21,6 +35,13 @@ from .broker import Broker, TransactionalPublisher
 from .messages import Envelope, Message
 
 log = structlog.get_logger(__name__)
+
+CHANNEL = "aigen_outbox"
+# session.info / pool record info: this transaction added outbox rows; notify on checkin.
+_ADDED = "aigen.outbox.added"
+_NOTIFY = "aigen.outbox.notify"
+# Relays running in this process, woken when a transaction that added rows commits.
+_running: weakref.WeakSet[Relay] = weakref.WeakSet()
 
 
 def add(session: AsyncSession, message: Message, *, traceparent: str | None = None) -> Envelope:
@@ -36,7 +57,41 @@ def add(session: AsyncSession, message: Message, *, traceparent: str | None = No
             created_at=envelope.time,
         )
     )
+    session.info[_ADDED] = True
     return envelope
+
+
+@event.listens_for(Session, "before_commit")
+def _before_commit(session: Session) -> None:
+    if not session.info.get(_ADDED):
+        return
+    # Mark the PostgreSQL connection: once it is back in the pool (the commit done, every
+    # lock released) it sends the NOTIFY, so that other processes' relays wake up.
+    connection = session.connection()
+    info = connection.connection.record_info
+    if connection.dialect.name == "postgresql" and info is not None:
+        info[_NOTIFY] = True
+
+
+@event.listens_for(Session, "after_commit")
+def _after_commit(session: Session) -> None:
+    if session.info.pop(_ADDED, False):
+        for relay in list(_running):
+            relay.wake()
+
+
+@event.listens_for(Session, "after_rollback")
+def _after_rollback(session: Session) -> None:
+    session.info.pop(_ADDED, None)
+
+
+@event.listens_for(Pool, "checkin")
+def _notify_on_checkin(dbapi_connection: Any, record: Any) -> None:
+    if record is None or not record.record_info.pop(_NOTIFY, False) or dbapi_connection is None:
+        return
+    with contextlib.suppress(Exception):
+        # Outside a transaction: delivered at once. A failure only costs a poll's delay.
+        await_only(dbapi_connection.driver_connection.execute(f"NOTIFY {CHANNEL}"))
 
 
 class Relay:
@@ -54,7 +109,14 @@ class Relay:
         self._broker = broker
         self._batch = batch
         self._poll_interval = poll_interval
+        # After a wake-up the relay runs at most this often, so that a burst of commits
+        # makes batches rather than one transaction per event.
+        self._min_gap = poll_interval / 10
         self.wakeup = asyncio.Event()
+
+    def wake(self) -> None:
+        """Run soon: a transaction that added outbox rows has committed."""
+        self.wakeup.set()
 
     async def run_once(self) -> int:
         """Publish one batch; returns how many rows were sent."""
@@ -84,13 +146,40 @@ class Relay:
         return len(rows)
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                sent = await self.run_once()
-            except Exception:
-                log.exception("relay.publish_failed")
-                sent = 0
-                await sleep_or_stop(stop, 1.0)
-            if sent < self._batch:
-                self.wakeup.clear()
-                await wait_any(self._poll_interval, stop, self.wakeup)
+        _running.add(self)
+        listener = await self._listen()
+        try:
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    sent = await self.run_once()
+                except Exception:
+                    log.exception("relay.publish_failed")
+                    sent = 0
+                    await sleep_or_stop(stop, 1.0)
+                if sent < self._batch:
+                    self.wakeup.clear()
+                    await wait_any(self._poll_interval, stop, self.wakeup)
+                    gap = self._min_gap - (time.monotonic() - started)
+                    if gap > 0 and not stop.is_set():
+                        await asyncio.sleep(gap)
+        finally:
+            _running.discard(self)
+            if listener is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(listener.close(), 5)
+
+    async def _listen(self) -> Any:
+        """`LISTEN aigen_outbox` on a connection of its own (PostgreSQL with asyncpg only)."""
+        url = getattr(self._sessionmaker.kw.get("bind"), "url", None)
+        if url is None or url.drivername != "postgresql+asyncpg":
+            return None
+        dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        try:
+            connection = await asyncio.wait_for(asyncpg.connect(dsn), 10)
+            await connection.add_listener(CHANNEL, lambda *_: self.wake())
+        except Exception as error:
+            # Polling alone still publishes everything, one poll later.
+            log.warning("relay.listen_failed", error=repr(error))
+            return None
+        return connection

@@ -25,6 +25,7 @@ app.add_typer(admin.accounts, name="accounts")
 app.add_typer(admin.keys, name="keys")
 app.add_typer(admin.credits, name="credits")
 app.add_typer(admin.jobs, name="jobs")
+app.command("usage")(admin.usage_report)
 app.command("demo")(demo.demo)
 
 Host = Annotated[str, typer.Option(help="address to listen on")]
@@ -42,6 +43,9 @@ async def _migrate(settings: Settings) -> None:
 async def _run(
     settings: Settings, parts: list[str], *, api: tuple[str, int] | None, migrate: bool
 ) -> None:
+    if api is not None and "public_url" not in settings.model_fields_set:
+        # Asset links must point where this process listens unless told otherwise.
+        settings = settings.model_copy(update={"public_url": f"http://{api[0]}:{api[1]}"})
     json_logs = settings.log_json
     if json_logs is None:
         json_logs = settings.environment is not Environment.development

@@ -2,31 +2,85 @@
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, exc
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.util import await_only
 
 Sessionmaker = async_sessionmaker[AsyncSession]
 
 
-def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
+def create_engine(
+    url: str,
+    *,
+    pool_size: int = 10,
+    connect_timeout: float | None = None,
+    pool_timeout: float = 30.0,
+    command_timeout: float | None = None,
+) -> AsyncEngine:
+    """An engine for `url`; the timeouts apply to PostgreSQL (asyncpg) only."""
     if url.startswith("sqlite"):
         engine = create_async_engine(url, connect_args={"timeout": 30})
         _tune_sqlite(engine)
         return engine
-    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    connect_args: dict[str, Any] = {}
+    asyncpg = url.partition("://")[0].endswith("+asyncpg")
+    if asyncpg:
+        if connect_timeout is not None:
+            connect_args["timeout"] = connect_timeout
+        if command_timeout is not None:
+            connect_args["command_timeout"] = command_timeout
+    engine = create_async_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        pool_timeout=pool_timeout,
+        connect_args=connect_args,
+    )
+    if asyncpg:
+        _ping_in_one_round_trip(engine)
+    return engine
+
+
+def _ping_in_one_round_trip(engine: AsyncEngine) -> None:
+    """The pool's pre-ping (a pooled connection is tested before each use) as one `;`.
+
+    SQLAlchemy's asyncpg ping wraps its `;` in BEGIN … ROLLBACK for PgBouncer's
+    transaction mode: three round trips before every transaction, the most frequent
+    statements on the database. A bare `;` tells as surely whether the connection is
+    alive; a failure invalidates the pool and reconnects, as before.
+    """
+
+    def do_ping(dbapi_connection: Any) -> bool:
+        try:
+            await_only(dbapi_connection.driver_connection.fetchrow(";"))
+        except Exception:
+            return False
+        return True
+
+    engine.sync_engine.dialect.do_ping = do_ping  # type: ignore[method-assign]
+
+
+# How long a transaction waits for SQLite's write lock: PRAGMA busy_timeout, and the
+# in-process queue in front of it (`_WriteGate`).
+SQLITE_LOCK_TIMEOUT_SECONDS = 30.0
 
 
 def _tune_sqlite(engine: AsyncEngine) -> None:
     sync_engine = engine.sync_engine
+    gate = _WriteGate(SQLITE_LOCK_TIMEOUT_SECONDS)
 
     @event.listens_for(sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -36,7 +90,7 @@ def _tune_sqlite(engine: AsyncEngine) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_LOCK_TIMEOUT_SECONDS * 1000)}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
@@ -45,7 +99,67 @@ def _tune_sqlite(engine: AsyncEngine) -> None:
         # Taking the write lock at BEGIN serialises writers up front: a deferred
         # transaction that reads and then writes could otherwise fail with SQLITE_BUSY,
         # and the read-check-write sequences (credit holds, job claims) stay exact.
+        gate.enter(connection.connection.record_info)
         connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    @event.listens_for(sync_engine.pool, "checkin")
+    def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
+        if record is not None:
+            gate.leave(record.record_info)
+
+
+class _WriteGate:
+    """This process's transactions queue here, first come first served, before BEGIN
+    IMMEDIATE; a transaction leaves when its connection goes back to the pool.
+
+    SQLite makes a writer that finds the lock taken sleep and retry (its busy handler
+    sleeps 1, 2, 5 … up to 100 ms between tries), so under load the lock sits free while
+    the next writer sleeps: `aigen up` then managed a few dozen transactions a second.
+    Queued here, the next transaction starts the moment the last one's connection is
+    back. Other processes on the same file still meet SQLite's own lock and busy handler.
+    The gate is per event loop (an engine may outlive a loop in tests and scripts).
+    """
+
+    KEY = "aigen.write_gate"
+
+    def __init__(self, timeout: float) -> None:
+        self._timeout = timeout
+        self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def enter(self, record_info: dict[str, Any]) -> None:
+        if self.KEY in record_info:
+            return  # this connection already holds it (a second BEGIN before checkin)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # a synchronous caller: SQLite's own lock is the only queue
+        lock = self._locks.get(loop)
+        if lock is None:
+            lock = self._locks[loop] = asyncio.Lock()
+        if not await_only(_acquire(lock, self._timeout)):
+            raise exc.OperationalError(
+                "BEGIN IMMEDIATE", None, sqlite3.OperationalError("database is locked")
+            )
+        # No await between the grant and this line: a cancel cannot strand the lock.
+        record_info[self.KEY] = lock
+
+    def leave(self, record_info: dict[str, Any]) -> None:
+        lock = record_info.pop(self.KEY, None)
+        if lock is not None:
+            lock.release()
+
+
+async def _acquire(lock: asyncio.Lock, timeout: float) -> bool:
+    # `asyncio.Lock.acquire` hands the lock on if it is cancelled once granted, unlike
+    # `wait_for` around it on Python 3.11.
+    try:
+        async with asyncio.timeout(timeout):
+            await lock.acquire()
+    except TimeoutError:
+        return False
+    return True
 
 
 def create_sessionmaker(engine: AsyncEngine) -> Sessionmaker:

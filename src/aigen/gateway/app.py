@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -13,8 +14,8 @@ from aigen.config import Settings
 
 from . import exception_handlers
 from .middleware import RequestContextMiddleware
-from .routes import account, assets, catalog, health, jobs
-from .state import AppState, KeyCache
+from .routes import account, assets, catalog, health, jobs, webhooks
+from .state import AppState, KeyCache, get_app_state
 
 DESCRIPTION = """\
 Asynchronous AI generation. `POST /v1/generate` accepts a job (`202`), a worker runs the
@@ -32,9 +33,13 @@ def create_app(settings: Settings, *, deps: Deps | None = None) -> FastAPI:
         own = deps is None
         built = await build_deps(settings) if deps is None else deps
         app.state.aigen = AppState(deps=built, key_cache=KeyCache(settings.key_cache_seconds))
+        stop = asyncio.Event()
+        watcher = asyncio.create_task(watch_revocations(app, stop))
         try:
             yield
         finally:
+            stop.set()
+            await watcher
             if own:
                 await built.aclose()
 
@@ -53,4 +58,11 @@ def create_app(settings: Settings, *, deps: Deps | None = None) -> FastAPI:
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
     for module in (jobs, catalog, account, assets, health):
         app.include_router(module.router)
+    app.include_router(webhooks.router)
     return app
+
+
+async def watch_revocations(app: FastAPI, stop: asyncio.Event) -> None:
+    """Drop revoked keys from this process's key cache as the notices arrive (until `stop`)."""
+    state = get_app_state(app)
+    await state.deps.revocations.listen(state.key_cache.forget, stop)

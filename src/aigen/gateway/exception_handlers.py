@@ -6,11 +6,14 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from aigen.db.errors import UNAVAILABLE_SQLSTATES
 from aigen.errors import AppError
 
+from . import admission
 from .problem import problem_response
 
 log = structlog.get_logger(__name__)
@@ -27,6 +30,7 @@ def _with_limits(request: Request, headers: dict[str, str]) -> dict[str, str]:
 
 async def app_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, AppError)
+    exc = await admission.count_late(request) or exc
     return problem_response(
         status=exc.status_code,
         code=exc.code,
@@ -41,6 +45,9 @@ async def app_error(request: Request, exc: Exception) -> Response:
 
 async def validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
+    refused = await admission.count_late(request)
+    if refused is not None:
+        return await app_error(request, refused)
     errors = [
         {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
         for e in exc.errors()
@@ -81,8 +88,13 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 
 async def database_error(request: Request, exc: Exception) -> Response:
-    lost = isinstance(exc, OperationalError | InterfaceError | OSError) or (
-        isinstance(exc, DBAPIError) and exc.connection_invalidated
+    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    lost = (
+        isinstance(exc, OperationalError | InterfaceError | OSError)
+        or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
+        # A server refusing work for now ("too many clients", shutting down): asyncpg's
+        # errors reach us as a plain DBAPIError carrying the SQLSTATE.
+        or (isinstance(sqlstate, str) and sqlstate.startswith(UNAVAILABLE_SQLSTATES))
     )
     if not lost:
         return await unexpected_error(request, exc)
@@ -96,6 +108,21 @@ async def database_error(request: Request, exc: Exception) -> Response:
         detail="the database is not reachable; retry shortly",
         request_id=_request_id(request),
         headers={"Retry-After": "2"},
+        retryable=True,
+    )
+
+
+async def pool_exhausted(request: Request, exc: Exception) -> Response:
+    # Every database connection of this process stayed busy for the pool's whole timeout:
+    # overload, not a bug; the client may retry, and nothing was written.
+    log.warning("database.pool_exhausted", request_id=_request_id(request))
+    return problem_response(
+        status=503,
+        code="service_unavailable",
+        title="A dependency is unavailable",
+        detail="the service is overloaded; retry shortly",
+        request_id=_request_id(request),
+        headers=_with_limits(request, {"Retry-After": "2"}),
         retryable=True,
     )
 
@@ -117,4 +144,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(DBAPIError, database_error)
     app.add_exception_handler(OSError, database_error)
+    app.add_exception_handler(PoolTimeoutError, pool_exhausted)
     app.add_exception_handler(Exception, unexpected_error)

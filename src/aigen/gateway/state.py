@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from fastapi import Request
+from fastapi import FastAPI, Request
 
 from aigen.backend.principal import Principal
 from aigen.bootstrap import Deps
@@ -22,10 +23,15 @@ class CachedKey:
 
 
 class KeyCache:
-    """key hash → what the database said about it, for a few seconds."""
+    """key hash → what the database said about it, for a few seconds.
+
+    `forget` (a revocation notice) bumps a generation; an answer read from the database
+    before the notice is then not cached, so it cannot outlive the revocation.
+    """
 
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
+        self.generation = 0
         self._entries: dict[str, CachedKey] = {}
 
     def get(self, digest: str) -> CachedKey | None:
@@ -34,13 +40,26 @@ class KeyCache:
             return None
         return entry
 
-    def put(self, digest: str, entry: CachedKey) -> None:
+    def put(self, digest: str, entry: CachedKey, *, generation: int) -> None:
+        if generation != self.generation:
+            return
         if len(self._entries) > 50_000:
             self._entries.clear()
         self._entries[digest] = entry
 
+    def forget(self, key_id: str | None) -> None:
+        """Drop one key (by id), or every key (None)."""
+        self.generation += 1
+        if key_id is None:
+            self._entries.clear()
+            return
+        for digest in [
+            d for d, e in self._entries.items() if e.principal and e.principal.key_id == key_id
+        ]:
+            del self._entries[digest]
+
     def invalidate(self) -> None:
-        self._entries.clear()
+        self.forget(None)
 
 
 @dataclass
@@ -49,9 +68,15 @@ class AppState:
     key_cache: KeyCache
     # Stamps `last_used_at` at most once a minute per key (monotonic seconds).
     key_touched: dict[str, float] = field(default_factory=dict)
+    # One database read per key hash at a time, however many requests arrive at once.
+    key_lookups: dict[str, asyncio.Future[CachedKey]] = field(default_factory=dict)
 
 
 def get_state(request: Request) -> AppState:
-    state = request.app.state.aigen
+    return get_app_state(request.app)
+
+
+def get_app_state(app: FastAPI) -> AppState:
+    state = app.state.aigen
     assert isinstance(state, AppState)
     return state

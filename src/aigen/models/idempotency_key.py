@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Integer, String, Text
+from sqlalchemy import JSON, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from aigen.clock import utcnow
@@ -10,7 +10,11 @@ from aigen.db.base import Model
 
 
 class IdempotencyKey(Model):
-    """The first response to an `Idempotency-Key`, per API key, kept 24 h (DESIGN §3)."""
+    """The first response to an `Idempotency-Key`, per API key, kept 24 h (DESIGN §3).
+
+    A row without `response_status` is a request still in flight; `created_at` is its
+    owner's token, so a row taken over after its owner died cannot be completed twice.
+    """
 
     __tablename__ = "idempotency_keys"
 
@@ -19,5 +23,6 @@ class IdempotencyKey(Model):
     request_hash: Mapped[str] = mapped_column(String(64))
     response_status: Mapped[int | None] = mapped_column(Integer, default=None)
     response_body: Mapped[str | None] = mapped_column(Text, default=None)
+    response_headers: Mapped[dict[str, str] | None] = mapped_column(JSON, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    expires_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

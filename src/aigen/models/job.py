@@ -26,6 +26,8 @@ class Job(Model):
     __table_args__ = (
         Index("ix_jobs_account_id_id", "account_id", "id"),
         Index("ix_jobs_api_key_id_status", "api_key_id", "status"),
+        # The deadline sweeper's query: pending jobs whose deadline has passed.
+        Index("ix_jobs_status_deadline_at", "status", "deadline_at"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)

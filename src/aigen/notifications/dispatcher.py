@@ -34,7 +34,7 @@ from aigen.config import Settings
 from aigen.db.session import Sessionmaker, unit_of_work
 from aigen.models import Account, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 
-from . import repository, sender
+from . import metrics, repository, sender
 from .schedule import next_delay
 from .service import DELIVERED, FAILED, PENDING
 from .signing import sign_headers
@@ -244,12 +244,15 @@ class Dispatcher:
             if message.endpoint_id is not None:
                 endpoint = await session.get(WebhookEndpoint, message.endpoint_id)
             values, endpoint_values = self._outcome(claim, message, result, endpoint, now)
+            outcome = values["status"]
             if await repository.settle(session, claim, **values):
                 for name, value in endpoint_values.items():
                     setattr(endpoint, name, value)
             else:
                 # Another claim owns the delivery now: keep the attempt row, change nothing else.
                 log.info("webhook attempt outlived its claim", delivery_id=claim.id)
+                outcome = "superseded"
+        metrics.record(result, status=outcome, sent=message.unsendable is None)
         log.info(
             "webhook attempt",
             delivery_id=claim.id,

@@ -12,7 +12,9 @@ Errors, translated from each SDK at the provider's edge::
     └── BadProviderResponse        permanent: upstream answered something we cannot read
 
 The workflow retries the retryable ones with backoff, a bounded number of times, and
-fails the job at once on the permanent ones.
+fails the job at once on the permanent ones. Each class's `code` is what a failed job shows
+as `error.code`; the set is closed (an upstream's own codes never leak through), so callers
+can switch on it. `provider_error` is the permanent catch-all.
 """
 
 from __future__ import annotations
@@ -149,6 +151,7 @@ ERRORS_BY_CODE: dict[str, type[ProviderError]] = {
 
 
 def error_for_code(code: str, message: str) -> ProviderError:
-    """The error of our tree for an error code; an unknown code is a permanent error."""
+    """The error of our tree for an error code; an unknown code is the permanent catch-all,
+    `provider_error`, naming the code in its message (codes stay a closed, documented set)."""
     error = ERRORS_BY_CODE.get(code)
-    return error(message) if error else ProviderError(message, code=code)
+    return error(message) if error else ProviderError(f"{message} (upstream code {code!r})")

@@ -4,6 +4,15 @@
 answers fetched with httpx) → PNG assets; `embedding` → embeddings → one JSON asset
 `{"data": [[...], ...], "model": ...}`.
 
+Text streams by default (`stream=True`, `stream_options.include_usage`), so the job shows
+`{"output_tokens": n}` progress while the model writes, counted one per content chunk
+(servers send about a token per chunk). Usage comes from the stream's final chunk; a
+server that sends none is billed for the chunks counted as output tokens and nothing for
+input (logged), unless the model's options say `stream = false`.
+
+Cancelling the task that runs `run` (the workflow does, on a job cancel or its time
+limit) closes the HTTP connection mid-call, so the upstream sees the client go.
+
 The SDK's own retries are off (`max_retries=0`): the workflow retries, with its backoff
 and its bound, and SDK errors are translated here into the provider error tree.
 """
@@ -16,8 +25,11 @@ import os
 
 import httpx
 import openai
+import structlog
 from openai import AsyncOpenAI, omit
 from openai.types.chat import ChatCompletionMessageParam
+from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
+from openai.types.completion_usage import CompletionUsage
 
 from aigen.config import Settings
 
@@ -25,6 +37,7 @@ from .base import (
     BadProviderResponse,
     ContentRejected,
     Output,
+    ProgressCallback,
     ProviderError,
     ProviderMisconfigured,
     ProviderRequest,
@@ -36,12 +49,14 @@ from .base import (
 from .inputs import EmbeddingInput, ImageInput, TextInput
 from .options import OpenAIOptions
 from .spec import ModelSpec
-from .status import error_for_status
+from .status import CONTENT_POLICY_CODES, error_for_status
 
 DEFAULT_KEY_ENV = "OPENAI_API_KEY"
 DEFAULT_TIMEOUT = 300.0
 # What a server that wants no key (vLLM, Ollama, llama.cpp) is sent: the SDK needs one.
 NO_KEY = "unused"
+TEXT = "text/plain; charset=utf-8"
+logger = structlog.get_logger(__name__)
 
 
 class OpenAIProvider:
@@ -59,6 +74,8 @@ class OpenAIProvider:
         options = OpenAIOptions.model_validate(spec.options)
         self.spec = spec
         self.model = options.model or spec.name
+        self.stream = options.stream
+        self._warned_no_usage = False
         base_url = options.base_url or base_url
         if options.api_key_env:
             api_key = os.environ.get(options.api_key_env)
@@ -76,7 +93,7 @@ class OpenAIProvider:
     async def run(self, request: ProviderRequest) -> ProviderResult:
         try:
             if self.spec.task == "text":
-                return await self._text(TextInput.model_validate(request.input))
+                return await self._text(request)
             if self.spec.task == "image":
                 return await self._image(ImageInput.model_validate(request.input))
             return await self._embedding(EmbeddingInput.model_validate(request.input))
@@ -87,11 +104,14 @@ class OpenAIProvider:
         await self.client.close()
         await self.http.aclose()
 
-    async def _text(self, input: TextInput) -> ProviderResult:
+    async def _text(self, request: ProviderRequest) -> ProviderResult:
+        input = TextInput.model_validate(request.input)
         messages: list[ChatCompletionMessageParam] = []
         if input.system:
             messages.append({"role": "system", "content": input.system})
         messages.append({"role": "user", "content": input.prompt})
+        if self.stream:
+            return await self._stream_text(request, messages, input)
         response = await self.client.chat.completions.create(
             model=self.model,
             messages=messages,
@@ -103,14 +123,43 @@ class OpenAIProvider:
         choice = response.choices[0]
         if choice.finish_reason == "content_filter" or choice.message.refusal:
             raise ContentRejected(choice.message.refusal or "refused by the content filter")
-        usage = Usage()
-        if response.usage is not None:
-            usage = Usage(
-                input_tokens=response.usage.prompt_tokens,
-                output_tokens=response.usage.completion_tokens,
-            )
         text = choice.message.content or ""
-        return ProviderResult([Output(text.encode(), "text/plain; charset=utf-8", "txt")], usage)
+        return ProviderResult([Output(text.encode(), TEXT, "txt")], _usage(response.usage))
+
+    async def _stream_text(
+        self,
+        request: ProviderRequest,
+        messages: list[ChatCompletionMessageParam],
+        input: TextInput,
+    ) -> ProviderResult:
+        stream = await self.client.chat.completions.create(
+            model=self.model,
+            messages=messages,
+            max_tokens=input.max_tokens,
+            temperature=omit if input.temperature is None else input.temperature,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        answer = _StreamedAnswer(request.on_progress)
+        async with stream:  # closes the connection however the loop ends, cancel included
+            async for chunk in stream:
+                await answer.add(chunk.choices, chunk.usage)
+        if not answer.choices_seen:
+            raise BadProviderResponse("upstream answered no choice")
+        if answer.finish_reason == "content_filter" or answer.refusal:
+            raise ContentRejected("".join(answer.refusal) or "refused by the content filter")
+        if answer.usage is not None:
+            usage = _usage(answer.usage)
+        else:
+            usage = Usage(output_tokens=answer.chunks)
+            if not self._warned_no_usage:  # once: it is the server's way, not a job's fault
+                self._warned_no_usage = True
+                logger.warning(
+                    "upstream streams no usage: output tokens counted from chunks, input "
+                    "tokens not billed; set the model's option stream = false to bill both",
+                    model=self.spec.name,
+                )
+        return ProviderResult([Output("".join(answer.text).encode(), TEXT, "txt")], usage)
 
     async def _image(self, input: ImageInput) -> ProviderResult:
         response = await self.client.images.generate(
@@ -150,6 +199,40 @@ class OpenAIProvider:
         return ProviderResult([Output(body, "application/json", "json")], usage)
 
 
+class _StreamedAnswer:
+    """The first choice of a streamed chat completion, gathered chunk by chunk."""
+
+    def __init__(self, on_progress: ProgressCallback | None):
+        self.on_progress = on_progress
+        self.text: list[str] = []
+        self.refusal: list[str] = []
+        self.chunks = 0
+        self.choices_seen = False
+        self.finish_reason: str | None = None
+        self.usage: CompletionUsage | None = None
+
+    async def add(self, choices: list[ChunkChoice], usage: CompletionUsage | None) -> None:
+        self.usage = usage or self.usage  # the last chunk, after every choice has finished
+        for choice in choices:
+            if choice.index != 0:
+                continue
+            self.choices_seen = True
+            self.finish_reason = choice.finish_reason or self.finish_reason
+            if choice.delta.refusal:
+                self.refusal.append(choice.delta.refusal)
+            if choice.delta.content:
+                self.text.append(choice.delta.content)
+                self.chunks += 1
+                if self.on_progress is not None:
+                    await self.on_progress({"output_tokens": self.chunks})
+
+
+def _usage(usage: CompletionUsage | None) -> Usage:
+    if usage is None:
+        return Usage()
+    return Usage(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens)
+
+
 def image_output(data: bytes) -> Output:
     """An image asset labelled by its bytes: PNG unless the upstream was told otherwise."""
     if data.startswith(b"\xff\xd8\xff"):
@@ -169,7 +252,14 @@ def translate(exc: openai.OpenAIError) -> ProviderError:
         return error_for_status(
             exc.status_code, exc.message, headers=exc.response.headers, upstream_code=exc.code
         )
-    # An answer the SDK could not read (APIResponseValidationError) or a client-side error.
+    if isinstance(exc, openai.APIResponseValidationError):
+        return BadProviderResponse(f"unexpected upstream answer: {exc}")
+    if isinstance(exc, openai.APIError):
+        # An error event inside a stream: the answer had begun, so the request was fine.
+        if exc.code in CONTENT_POLICY_CODES:
+            return ContentRejected(f"upstream refused mid-answer: {exc.message}")
+        return ProviderUnavailable(f"upstream failed mid-answer: {exc.message}")
+    # A client-side error of the SDK.
     return BadProviderResponse(f"unexpected upstream answer: {exc}")
 
 

@@ -43,6 +43,10 @@ class OpenAIOptions(_Options):
     model: str | None = None  # the upstream model's own name; default: the public name
     api_key_env: str | None = None  # variable holding the key; default OPENAI_API_KEY
     timeout: float | None = Field(default=None, gt=0)  # seconds; default: the settings'
+    # Text by streaming, so the job shows progress. Servers that stream no usage (the
+    # `llama_cpp.server` of llama-cpp-python) are billed from the chunks counted; turn
+    # streaming off for their exact token counts.
+    stream: bool = True
 
 
 class HTTPOptions(_Options):

@@ -48,7 +48,8 @@ def error_for_status(
     if status in (401, 403, 404):
         # A wrong key, a key without access, or an unknown upstream model: the operator's fix.
         return ProviderMisconfigured(message)
-    return ProviderError(message, code=f"provider_http_{status}")
+    # Any other 4xx: permanent, under the catch-all code (the status is in the message).
+    return ProviderError(message)
 
 
 def retry_after(headers: Mapping[str, str]) -> float | None:

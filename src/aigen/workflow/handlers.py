@@ -42,6 +42,9 @@ from aigen.serving.base import (
 from aigen.storage.base import AssetStore, asset_key
 
 CONSUMER = "workflow"
+# The longest upstream `Retry-After` waited out, as the OpenAI SDK has it: a worker holding
+# a job for longer helps nobody, so a longer ask gets the plain backoff instead.
+MAX_RETRY_AFTER_SECONDS = 60.0
 # model name → its provider (the serving catalog's `provider`).
 ProviderLookup = Callable[[str], Provider]
 log = structlog.get_logger(__name__)
@@ -124,10 +127,7 @@ class Workflow:
             except ProviderError as error:
                 if not error.retryable or number == tries:
                     raise
-                delay = self._settings.provider_retry_base_seconds * 2 ** (number - 1)
-                if isinstance(error, RateLimitedByProvider) and error.retry_after:
-                    delay = max(delay, error.retry_after)
-                delay *= random.uniform(0.8, 1.2)
+                delay = retry_delay(self._settings.provider_retry_base_seconds, number, error)
                 log.info("workflow.retry", job_id=job.id, code=error.code, delay=round(delay, 3))
                 await asyncio.sleep(delay)
                 await self._ensure_running(job)
@@ -202,3 +202,13 @@ class Workflow:
                 )
             )
         return refs
+
+
+def retry_delay(base: float, number: int, error: ProviderError) -> float:
+    """Seconds to wait before try `number + 1`: exponential backoff with ±20 % jitter, and
+    never less than the upstream's `Retry-After` (jitter only ever lengthens that)."""
+    delay = base * 2.0 ** (number - 1) * random.uniform(0.8, 1.2)
+    retry_after = error.retry_after if isinstance(error, RateLimitedByProvider) else None
+    if retry_after is not None and retry_after <= MAX_RETRY_AFTER_SECONDS:
+        delay = max(delay, retry_after * random.uniform(1.0, 1.2))
+    return delay

@@ -65,7 +65,15 @@ async def adjust(session: AsyncSession, account_id: str, amount: int, *, note: s
 async def hold(
     session: AsyncSession, *, account_id: str, job_id: str, amount: int, model: str
 ) -> None:
-    """Reserve `amount` for a job, or raise 402; one conditional update, so never negative."""
+    """Reserve `amount` for a job, or raise 402; one conditional update, so never negative.
+
+    The ledger row is written (flushed) before the update, so that the account row stays
+    locked for as short a time as possible; a refusal rolls both back.
+    """
+    session.add(
+        CreditEntry(account_id=account_id, job_id=job_id, kind="hold", amount=-amount, model=model)
+    )
+    await session.flush()
     result = await session.execute(
         update(Account)
         .where(Account.id == account_id, Account.balance >= amount)
@@ -77,10 +85,6 @@ async def hold(
             f"this job needs up to {amount} credits and the balance is {balance or 0}",
             extra={"credits_required": amount, "balance": balance or 0},
         )
-    session.add(
-        CreditEntry(account_id=account_id, job_id=job_id, kind="hold", amount=-amount, model=model)
-    )
-    await session.flush()
 
 
 async def release(session: AsyncSession, job: Job) -> None:

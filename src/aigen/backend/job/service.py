@@ -66,6 +66,15 @@ class NewJob:
     webhook_events: list[str] | None = None
     metadata: dict[str, Any] | None = None
     deadline_s: float | None = None
+    # Chosen by the caller when it must know the id first (the limiter's reservation).
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    job: Job
+    # The key's jobs pending or processing, this one included.
+    active: int
 
 
 async def create(
@@ -74,14 +83,16 @@ async def create(
     new: NewJob,
     *,
     traceparent: str | None = None,
-) -> Job:
-    """Accept a job: concurrency check, credit hold, job row and outbox row, one transaction."""
-    await _check_concurrency(session, principal)
-    job_id = new_id("job")
+) -> Accepted:
+    """Accept a job: job and outbox rows, credit hold, concurrency check, one transaction.
+
+    The order keeps the locks short: the rows are inserted first (they lock nothing
+    another request needs), then the hold's conditional update locks the account row,
+    then the key's row is locked to count its jobs, and the commit follows at once. Short
+    of credits is a 402 even for a key that is also at its concurrency limit.
+    """
+    job_id = new.id or new_id("job")
     now = utcnow()
-    await billing.hold(
-        session, account_id=principal.account_id, job_id=job_id, amount=new.hold, model=new.model
-    )
     job = Job(
         id=job_id,
         account_id=principal.account_id,
@@ -107,28 +118,38 @@ async def create(
         ),
         traceparent=traceparent,
     )
-    await session.flush()
-    return job
+    await billing.hold(
+        session, account_id=principal.account_id, job_id=job_id, amount=new.hold, model=new.model
+    )
+    active = await _check_concurrency(session, principal)
+    return Accepted(job, active)
 
 
-async def _check_concurrency(session: AsyncSession, principal: Principal) -> None:
+async def _check_concurrency(session: AsyncSession, principal: Principal) -> int:
+    """The key's active jobs, the caller's new one included; 429 when over the limit."""
     if is_postgres(session):
-        # Serialise acceptance per key, so that count-then-insert cannot overshoot.
+        # Serialise acceptance per key, so that insert-then-count cannot overshoot: the
+        # count below runs after the lock is granted, so it sees every job committed by
+        # the transactions that held it before.
         # (SQLite already serialises writers: every transaction begins IMMEDIATE.)
         await session.execute(
             select(ApiKey.id).where(ApiKey.id == principal.key_id).with_for_update()
         )
-    active = await session.scalar(
-        select(func.count())
-        .select_from(Job)
-        .where(Job.api_key_id == principal.key_id, Job.status.in_(ACTIVE))
+    active = int(
+        await session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(Job.api_key_id == principal.key_id, Job.status.in_(ACTIVE))
+        )
+        or 0
     )
-    if (active or 0) >= principal.concurrency:
+    if active > principal.concurrency:
         raise ConcurrencyLimitError(
             f"this key may have {principal.concurrency} jobs pending or processing at once",
             headers={"Retry-After": "1"},
             extra={"policy": "concurrency", "limit": principal.concurrency},
         )
+    return active
 
 
 async def get(session: AsyncSession, job_id: str, *, account_id: str | None = None) -> Job:
@@ -249,7 +270,8 @@ async def claim(session: AsyncSession, job_id: str) -> Job | None:
     )
 
 
-async def expire(session: AsyncSession, job: Job) -> None:
+async def expire(session: AsyncSession, job: Job) -> Job | None:
+    """`pending → expired`, refunded in full; None when the job had moved on already."""
     expired = await _transition(
         session,
         job.id,
@@ -265,7 +287,7 @@ async def expire(session: AsyncSession, job: Job) -> None:
         },
     )
     if expired is None:
-        return
+        return None
     await billing.release(session, expired)
     outbox.add(
         session,
@@ -277,6 +299,7 @@ async def expire(session: AsyncSession, job: Job) -> None:
             status=EXPIRED,
         ),
     )
+    return expired
 
 
 async def is_running(session: AsyncSession, job_id: str, attempt: int) -> bool:

@@ -24,9 +24,12 @@ async def render(
     base_url: str,
     url_ttl: int,
     with_queue_position: bool = True,
+    with_assets: bool = True,
 ) -> JobOut:
+    """The job as the API and webhooks show it; `with_assets=False` skips the assets
+    query for a job that cannot have any yet (one just accepted)."""
     assets = []
-    for asset in await service.assets_of(session, job.id):
+    for asset in await service.assets_of(session, job.id) if with_assets else []:
         url, expires_at = await store.url(asset.key, expires_in=url_ttl)
         assets.append(
             AssetOut(

@@ -24,7 +24,8 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(deps: DepsDep) -> JSONResponse:
-    """Whether the database, broker and storage answer; 503 when one does not."""
+    """Whether the database, broker, storage and Redis (when configured) answer; 503 when
+    one does not."""
 
     async def database() -> None:
         async with deps.sessionmaker() as session:
@@ -35,6 +36,8 @@ async def readyz(deps: DepsDep) -> JSONResponse:
         "broker": deps.broker.ping(),
         "storage": deps.store.ping(),
     }
+    if deps.settings.redis_url:
+        checks["redis"] = deps.limiter.ping()
     results: dict[str, str] = {}
     for name, check in checks.items():
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, BackgroundTasks, Header, Query, Request, Response
 
 from aigen.backend.job import service as job_service
 from aigen.backend.job import views
@@ -20,12 +20,11 @@ from aigen.errors import (
     Unauthorized,
     Unprocessable,
 )
-from aigen.gateway.auth import JobsRead, JobsWrite
+from aigen.gateway import acceptance, idempotency, waiting
+from aigen.gateway.auth import JobsCreate, JobsRead, JobsWrite
 from aigen.gateway.deps import DepsDep, SessionDep
 from aigen.gateway.json_body import require_json
 from aigen.models.job import TERMINAL
-from aigen.serving.catalog import UnknownModelError
-from aigen.serving.inputs import InvalidInputError, validate_input
 
 router = APIRouter(prefix="/v1/generate", tags=["jobs"])
 
@@ -35,16 +34,6 @@ COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
     429: RateLimited.schema(),
 }
 JobID = Annotated[str, "a job id, `job_…`"]
-
-
-class UnknownModelProblem(Unprocessable):
-    code = "unknown_model"
-    title = "Unknown model"
-
-
-class InvalidInputProblem(Unprocessable):
-    code = "invalid_input"
-    title = "The input does not fit the model's task"
 
 
 def _retry_after(status: str) -> str:
@@ -58,8 +47,10 @@ def _retry_after(status: str) -> str:
     response_model=JobOut,
     responses={
         **COMMON_ERRORS,
+        200: {"model": JobOut, "description": "With `Prefer: wait=N`: the job ended in time."},
         400: AppError.schema(),
         402: PaymentRequired.schema(),
+        409: Conflict.schema(),
         413: AppError.schema(),
         415: AppError.schema(),
         422: Unprocessable.schema(),
@@ -68,54 +59,36 @@ def _retry_after(status: str) -> str:
 )
 async def create(
     body: JobCreate,
-    principal: JobsWrite,
-    session: SessionDep,
-    deps: DepsDep,
+    principal: JobsCreate,
     request: Request,
-    response: Response,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            description="Makes a retry safe: the same key and body within 24 h replays the "
+            "first answer (`Idempotent-Replayed: true`) instead of creating a second job; "
+            "another body is `422`, a first request still in progress `409`."
+        ),
+    ] = None,
+    prefer: Annotated[
+        str | None,
+        Header(
+            description="`wait=N` (N ≤ 60): answer `200` with the finished job if it ends "
+            "within N seconds, else the usual `202`."
+        ),
+    ] = None,
     traceparent: Annotated[str | None, Header(include_in_schema=False)] = None,
-) -> JobOut:
+) -> Response:
     """Accept a generation job: checks the key and its limits, holds the worst-case price,
     records the job and answers `202` with it (`status: "pending"`). The result arrives by
     webhook (`webhook_url`) or by polling `urls.status`."""
-    try:
-        spec = deps.catalog.get(body.model)
-    except UnknownModelError:
-        raise UnknownModelProblem(
-            f"no model named {body.model!r}; GET /v1/models lists them"
-        ) from None
-    try:
-        clean_input = validate_input(spec.task, body.input)
-    except InvalidInputError as error:
-        raise InvalidInputProblem(str(error), extra={"errors": error.errors}) from None
-    if body.metadata is not None and len(body.metadata) > 16:
-        raise Unprocessable("metadata may have at most 16 keys")
-    job = await job_service.create(
-        session,
-        principal,
-        job_service.NewJob(
-            model=spec.name,
-            task=spec.task,
-            input=clean_input,
-            hold=spec.worst_case(clean_input),
-            webhook_url=str(body.webhook_url) if body.webhook_url else None,
-            webhook_events=list(body.webhook_events) if body.webhook_events else None,
-            metadata=body.metadata,
-            deadline_s=body.deadline_s,
-        ),
+    submission = acceptance.Submission(
+        body=body,
+        raw=await request.body(),
+        idempotency_key=idempotency.parse_key(idempotency_key),
+        wait=waiting.parse_prefer(prefer),
         traceparent=traceparent,
     )
-    out = await views.render(
-        session,
-        job,
-        store=deps.store,
-        base_url=str(request.base_url),
-        url_ttl=deps.settings.asset_url_ttl_seconds,
-        with_queue_position=False,
-    )
-    response.headers["Location"] = out.urls.self
-    response.headers["Retry-After"] = "1"
-    return out
+    return await acceptance.accept(request, principal, submission)
 
 
 @router.get("", response_model=JobList, responses=COMMON_ERRORS)
@@ -205,9 +178,13 @@ async def cancel(
     session: SessionDep,
     deps: DepsDep,
     request: Request,
+    background: BackgroundTasks,
 ) -> JobOut:
     """Cancel a pending job (refunded in full) or stop a processing one (also refunded)."""
     job = await job_service.cancel(session, job_id, account_id=principal.account_id)
+    # After the commit (the session closes before the answer is sent), the key's credit
+    # quotas get the hold back too; the backend would, later, and only one of them counts.
+    background.add_task(deps.limiter.refund, job.api_key_id, job.id, credits=job.credits_reserved)
     return await views.render(
         session,
         job,

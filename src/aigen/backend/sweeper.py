@@ -1,0 +1,72 @@
+"""Housekeeping the backend runs on a timer, in whichever backend process gets there first.
+
+- A pending job whose deadline passes while no worker claims it (all busy, or none
+  running) is expired and refunded in full here; a worker's claim does the same for the
+  jobs it reaches first. Both are compare-and-sets, so a job expires at most once.
+- Idempotency keys past their 24 h are deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import structlog
+from sqlalchemy import select
+
+from aigen.aio import sleep_or_stop
+from aigen.clock import utcnow
+from aigen.db.session import Sessionmaker, unit_of_work
+from aigen.models import Job
+from aigen.models.job import PENDING
+
+from .idempotency import service as idempotency_service
+from .job import service as job_service
+
+log = structlog.get_logger(__name__)
+
+BATCH = 100
+PURGE_EVERY_SECONDS = 300.0
+
+
+async def expire_overdue(sessionmaker: Sessionmaker, *, batch: int = BATCH) -> int:
+    """Expire (and refund) pending jobs past their deadline; returns how many."""
+    async with sessionmaker() as session:
+        overdue = (
+            await session.scalars(
+                select(Job.id)
+                .where(Job.status == PENDING, Job.deadline_at <= utcnow())
+                .order_by(Job.deadline_at)
+                .limit(batch)
+            )
+        ).all()
+    expired = 0
+    for job_id in overdue:
+        # One transaction per job: a long batch would hold the ledger rows of many accounts.
+        async with unit_of_work(sessionmaker) as session:
+            job = await session.get(Job, job_id)
+            if job is not None and await job_service.expire(session, job) is not None:
+                expired += 1
+    if expired:
+        log.info("sweeper.expired", jobs=expired)
+    return expired
+
+
+async def purge_idempotency_keys(sessionmaker: Sessionmaker) -> int:
+    async with unit_of_work(sessionmaker) as session:
+        return await idempotency_service.purge_expired(session)
+
+
+async def run(sessionmaker: Sessionmaker, stop: asyncio.Event, *, interval: float) -> None:
+    """Sweep every `interval` seconds until `stop`; an error is logged and retried."""
+    purged_at = 0.0
+    while not stop.is_set():
+        try:
+            while await expire_overdue(sessionmaker) == BATCH and not stop.is_set():
+                pass
+            if time.monotonic() - purged_at >= PURGE_EVERY_SECONDS:
+                await purge_idempotency_keys(sessionmaker)
+                purged_at = time.monotonic()
+        except Exception:
+            log.exception("sweeper.failed")
+        await sleep_or_stop(stop, interval)
