@@ -19,6 +19,7 @@ from aigen.backend import sweeper
 from aigen.bootstrap import Deps
 from aigen.bus.outbox import Relay
 from aigen.bus.patience import patient
+from aigen.bus.soon import retry_soon
 from aigen.bus.topology import BACKEND, NOTIFICATIONS, WORKFLOW
 from aigen.gateway.app import create_app, watch_revocations
 from aigen.notifications import handlers as notification_handlers
@@ -102,7 +103,11 @@ async def run_notifier(deps: Deps, stop: asyncio.Event) -> None:
     await asyncio.gather(
         deps.broker.consume(
             NOTIFICATIONS,
-            patient(notification_handlers.make_handler(deps.sessionmaker), delay=patience(deps)),
+            # The notifier races the backend for each result; most of its short retries
+            # are taken in hand (`retry_soon`) instead of through the broker's delay queues.
+            retry_soon(
+                patient(notification_handlers.make_handler(deps.sessionmaker), delay=patience(deps))
+            ),
             stop=stop,
             prefetch=deps.settings.prefetch,
         ),
