@@ -1,0 +1,1 @@
+"""aigen's benchmarks: `python -m bench [--quick]` (see `bench/README.md`)."""

@@ -1,0 +1,649 @@
+"""`python -m bench [--quick]`: aigen's benchmarks, side by side, in one bounded run.
+
+Sections (each can be picked with `--only`):
+
+- accept:   `POST /v1/generate` on the embedded default (SQLite, database queue) and on
+            PostgreSQL + Redis + RabbitMQ, each one `aigen api` process, against the bare
+            FastAPI endpoint of `bench/bare_app.py`; wrk, alternating bare, a, b, bare, …;
+            then each at 80 % of its own measured maximum (paced wrk connections).
+- pipeline: `POST` → webhook received, scripted model at 0 and 200 ms, at a fixed
+            offered rate (open loop), on `aigen up` (embedded) and on api + worker +
+            backend + notifier + relay processes (production); then the most jobs/s at 0 ms.
+- scale:    workflow throughput with 1 and 2 `aigen worker` processes at 200 ms, for
+            several `AIGEN_WORKER_CONCURRENCY` values, draining a backlog made beforehand.
+- memory:   VmRSS of the `api`, `worker` and `up` processes, idle and at their peak.
+
+Everything it starts lives under a temporary folder, a PostgreSQL database per section
+(`aigen_bench_<random>_<section>`), a RabbitMQ namespace and a Redis prefix of its own;
+all of it is removed at the end, and every process is stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from aigen.db.session import Sessionmaker, create_engine, create_sessionmaker
+from aigen.models import OutboxMessage
+
+from .infra import Proc, Resources, customer, free_port, migrate, wait_http
+from .load import (
+    EndToEnd,
+    burst,
+    end_to_end,
+    job_body,
+    open_loop,
+    saturate,
+    steady_rate,
+    window_rate,
+)
+from .profile import record
+from .stages import LEGS, legs
+from .wire import Client, Receiver
+from .wrk import WrkResult, run_wrk
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long each measurement runs; `--quick` shrinks it."""
+
+    accept_seconds: float = 10.0
+    accept_rounds: int = 3
+    warm_seconds: float = 3.0
+    paced_seconds: float = 10.0
+    connections: int = 32
+    pipe_rate: float = 100.0
+    pipe_seconds: float = 15.0
+    saturate_seconds: float = 20.0
+    drain_seconds: float = 40.0
+    scale_concurrency: tuple[int, ...] = (4, 16, 64)
+    scale_seconds: float = 4.0
+    worker_concurrency: int = 64
+
+
+FULL = Plan()
+QUICK = Plan(
+    accept_seconds=4.0,
+    accept_rounds=2,
+    warm_seconds=2.0,
+    paced_seconds=4.0,
+    pipe_seconds=5.0,
+    saturate_seconds=8.0,
+    drain_seconds=20.0,
+    scale_concurrency=(16,),
+    scale_seconds=3.0,
+)
+SECTIONS = ("accept", "pipeline", "scale")
+
+
+@dataclass
+class Report:
+    plan: Plan
+    started: float = field(default_factory=time.time)
+    accept: dict[str, list[WrkResult]] = field(default_factory=dict)
+    accept_ratio: dict[str, list[float]] = field(default_factory=dict)
+    paced: dict[str, tuple[float, WrkResult]] = field(default_factory=dict)
+    pipeline: dict[str, EndToEnd] = field(default_factory=dict)
+    cpu: dict[str, dict[str, float]] = field(default_factory=dict)
+    legs: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
+    scale: dict[tuple[int, int], float] = field(default_factory=dict)
+    memory: dict[str, tuple[float, float]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+class RssPeak:
+    """Samples the resident size of some processes every 0.25 s; keeps each one's peak."""
+
+    def __init__(self, procs: dict[str, Proc]) -> None:
+        self.procs = procs
+        self.idle = {name: proc.rss_mb() or 0.0 for name, proc in procs.items()}
+        self.peak = dict(self.idle)
+        self._task: asyncio.Task[None] | None = None
+
+    async def _sample(self) -> None:
+        while True:
+            for name, proc in self.procs.items():
+                self.peak[name] = max(self.peak[name], proc.rss_mb() or 0.0)
+            await asyncio.sleep(0.25)
+
+    def __enter__(self) -> RssPeak:
+        self._task = asyncio.get_running_loop().create_task(self._sample())
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def into(self, report: Report, prefix: str) -> None:
+        for name in self.procs:
+            report.memory[f"{prefix} {name}"] = (self.idle[name], self.peak[name])
+
+
+# Accept path ---------------------------------------------------------------------------
+
+
+ACCEPT_BODY = job_body("bench-0ms", "http://127.0.0.1:9/hook", "accept").decode()
+
+
+async def accept(
+    res: Resources, plan: Plan, report: Report, log_level: str, *, profile: bool
+) -> None:
+    emb_dir = res.folder("accept-embedded")
+    emb_env = res.env(emb_dir, production=False, log_level=log_level)
+    emb_db = f"sqlite+aiosqlite:///{emb_dir / 'aigen.db'}"
+    pg_db = await res.postgres_database("accept")
+    prod_dir = res.folder("accept-production")
+    prod_env = res.env(prod_dir, production=True, log_level=log_level, AIGEN_DATABASE_URL=pg_db)
+    await migrate(emb_db)
+    await migrate(pg_db)
+
+    port = free_port()
+    bare_app = str(Path(__file__).with_name("bare_app.py"))
+    bare = await res.spawn("bare", [bare_app, "--port", str(port)], emb_env, emb_dir)
+    bare.url = f"http://127.0.0.1:{port}"
+    api_a = await res.start_aigen("api", emb_env, emb_dir, label="api-embedded")
+    api_b = await res.start_aigen("api", prod_env, prod_dir, label="api-production")
+    await asyncio.gather(*(wait_http(p, timeout=120) for p in (bare, api_a, api_b)))
+    databases = {"embedded": emb_db, "production": pg_db}
+    urls = {"bare": bare.url, "embedded": api_a.url, "production": api_b.url}
+    assert all(urls.values())
+
+    async def key_for(name: str) -> str | None:
+        # A fresh key per run: the concurrency check counts the key's pending jobs, and
+        # with no worker running they would otherwise pile up from run to run.
+        if name == "bare":
+            return None
+        return (await customer(databases[name], res.secret)).key
+
+    print(f"accept: warming up ({plan.warm_seconds:.0f} s each)", flush=True)
+    for name, url in urls.items():
+        await run_wrk(
+            str(url),
+            body=ACCEPT_BODY,
+            key=await key_for(name),
+            seconds=plan.warm_seconds,
+            connections=plan.connections,
+        )
+
+    with RssPeak({"api (embedded)": api_a, "api (production)": api_b}) as rss:
+        for round_ in range(plan.accept_rounds):
+            results: dict[str, WrkResult] = {}
+            for name, url in urls.items():
+                key = await key_for(name)
+                profiling = None
+                if profile and round_ == 0 and name != "bare":
+                    out = res.root / f"profile-accept-{name}.txt"
+                    pid = api_a.pid if name == "embedded" else api_b.pid
+                    profiling = asyncio.create_task(record(pid, plan.accept_seconds - 1, out))
+                result = await run_wrk(
+                    str(url),
+                    body=ACCEPT_BODY,
+                    key=key,
+                    seconds=plan.accept_seconds,
+                    connections=plan.connections,
+                )
+                if profiling is not None:
+                    await profiling
+                results[name] = result
+                report.accept.setdefault(name, []).append(result)
+                print(
+                    f"accept round {round_ + 1} {name:10s} {result.rps:7.0f} req/s "
+                    f"p50 {result.p50_ms:6.1f} ms p99 {result.p99_ms:6.1f} ms "
+                    f"errors {result.errors}",
+                    flush=True,
+                )
+            for name in ("embedded", "production"):
+                ratio = results[name].rps / results["bare"].rps if results["bare"].rps else 0
+                report.accept_ratio.setdefault(name, []).append(ratio)
+
+        for name, url in urls.items():
+            rate = 0.8 * statistics.median(r.rps for r in report.accept[name])
+            connections = max(4, math.ceil(rate * 0.05))
+            interval_ms = connections / rate * 1000
+            service_ms = 1000 / (rate / 0.8)
+            delay = max(1.0, interval_ms - 2 * service_ms)
+            result = await run_wrk(
+                str(url),
+                body=ACCEPT_BODY,
+                key=await key_for(name),
+                seconds=plan.paced_seconds,
+                connections=connections,
+                delay_ms=delay,
+            )
+            report.paced[name] = (rate, result)
+            print(
+                f"accept at 80 % {name:10s} target {rate:6.0f} got {result.rps:6.0f} req/s "
+                f"p50 {result.p50_ms:6.1f} ms p99 {result.p99_ms:6.1f} ms",
+                flush=True,
+            )
+    rss.into(report, "accept")
+    await asyncio.gather(bare.stop(), api_a.stop(), api_b.stop())
+
+
+# Pipeline -------------------------------------------------------------------------------
+
+
+PARTS = ("relay", "backend", "notifier", "worker", "api")
+
+
+@dataclass
+class Stack:
+    name: str
+    database_url: str
+    env: dict[str, str]
+    workdir: Path
+    api: Proc
+    procs: dict[str, Proc]
+
+
+async def start_stack(res: Resources, plan: Plan, kind: str, log_level: str) -> Stack:
+    workdir = res.folder(f"pipe-{kind}")
+    concurrency = str(plan.worker_concurrency)
+    if kind == "embedded":
+        env = res.env(
+            workdir, production=False, log_level=log_level, AIGEN_WORKER_CONCURRENCY=concurrency
+        )
+        up = await res.start_aigen("up", env, workdir)
+        await wait_http(up, timeout=120)
+        sqlite = f"sqlite+aiosqlite:///{workdir / 'aigen.db'}"
+        return Stack(kind, sqlite, env, workdir, up, {"up": up})
+    database_url = await res.postgres_database("pipe")
+    await migrate(database_url)
+    env = res.env(
+        workdir,
+        production=True,
+        log_level=log_level,
+        AIGEN_DATABASE_URL=database_url,
+        AIGEN_WORKER_CONCURRENCY=concurrency,
+    )
+    procs = {part: await res.start_aigen(part, env, workdir) for part in PARTS}
+    await wait_http(procs["api"], timeout=120)
+    return Stack(kind, database_url, env, workdir, procs["api"], procs)
+
+
+async def pipeline(
+    res: Resources,
+    plan: Plan,
+    report: Report,
+    kind: str,
+    log_level: str,
+    *,
+    scale: bool,
+    profile: bool,
+) -> None:
+    stack = await start_stack(res, plan, kind, log_level)
+    receiver = Receiver()
+    await receiver.start()
+    assert stack.api.url is not None
+    client = Client(stack.api.url)
+    try:
+        who = await customer(stack.database_url, res.secret)
+        warm = await burst(
+            client,
+            body=job_body("bench-0ms", receiver.url, "warm"),
+            key=who.key,
+            count=20,
+            concurrency=4,
+        )
+        if not await receiver.wait_for(set(warm.at), 120):
+            raise RuntimeError(f"{kind}: warm-up jobs never arrived\n" + _tails(stack))
+        await asyncio.sleep(1.0)
+        watched = {n: p for n, p in stack.procs.items() if n in ("api", "worker", "up")}
+        with RssPeak(watched) as rss:
+            # The most jobs/s at 0 ms, first: it decides the rate the latency runs can hold.
+            cpu_before = {name: proc.cpu_seconds() for name, proc in stack.procs.items()}
+            profiling = [
+                asyncio.create_task(
+                    record(
+                        proc.pid, plan.saturate_seconds - 1, res.root / f"profile-{kind}-{n}.txt"
+                    )
+                )
+                for n, proc in (stack.procs.items() if profile else [])
+            ]
+            sent = await saturate(
+                client,
+                receiver,
+                body=job_body("bench-0ms", receiver.url, "max"),
+                key=who.key,
+                seconds=plan.saturate_seconds,
+            )
+            await asyncio.gather(*profiling)
+            result = await end_to_end(receiver, sent, model_ms=0, timeout=plan.drain_seconds)
+            # Posting has stopped and the pipeline has drained: all the CPU spent since
+            # the start went into these jobs (and the parts' idle polling).
+            cpu_after = {name: proc.cpu_seconds() for name, proc in stack.procs.items()}
+            done = [receiver.arrived[j] for j in sent.at if j in receiver.arrived]
+            # Steady state: from the first webhook to the end of posting.
+            most = window_rate(done, min(done, default=sent.last), sent.last)
+            if not math.isfinite(most) or most <= 0:
+                # Not one webhook before posting stopped: count the drain instead.
+                most = steady_rate(done) if len(done) >= 10 else 0.0
+            result.jobs_per_s = most
+            report.cpu[kind] = {
+                name: 1000 * (cpu_after[name] - cpu_before[name]) / max(1, len(done))
+                for name, proc in stack.procs.items()
+            }
+            label = f"{kind} 0 ms, max"
+            report.pipeline[label] = result
+            _print_e2e(label, result)
+            report.notes.append(
+                f"{label}: 48 jobs kept in flight for {plan.saturate_seconds:.0f} s (a new "
+                "POST per webhook); jobs/s = webhooks from the first one to the end of posting"
+            )
+            rate = plan.pipe_rate
+            if not most >= plan.pipe_rate:
+                rate = max(1.0, round(0.8 * most)) if math.isfinite(most) else 1.0
+                report.notes.append(
+                    f"{kind}: cannot hold {plan.pipe_rate:.0f} jobs/s, so the latency runs "
+                    f"offer {rate:.0f} jobs/s (80 % of its maximum)"
+                )
+            for model_ms in (0, 200):
+                sent = await open_loop(
+                    client,
+                    body=job_body(f"bench-{model_ms}ms", receiver.url, "rate"),
+                    key=who.key,
+                    rate=rate,
+                    seconds=plan.pipe_seconds,
+                )
+                result = await end_to_end(
+                    receiver, sent, model_ms=model_ms, timeout=plan.drain_seconds
+                )
+                label = f"{kind} {model_ms} ms @ {rate:.0f}/s"
+                report.pipeline[label] = result
+                _print_e2e(label, result)
+                if model_ms == 0:
+                    report.legs[label] = legs(stack.workdir, sent, receiver.arrived)
+        rss.into(report, kind)
+        if scale:
+            await workers_scale(res, plan, report, stack, client, receiver)
+    finally:
+        await client.aclose()
+        await receiver.aclose()
+        await asyncio.gather(*(p.stop() for p in stack.procs.values()))
+
+
+def _tails(stack: Stack) -> str:
+    return "\n".join(f"--- {name}\n{proc.tail(1500)}" for name, proc in stack.procs.items())
+
+
+def _print_e2e(label: str, r: EndToEnd) -> None:
+    print(
+        f"pipeline {label:28s} {r.jobs_per_s:6.0f} jobs/s  e2e p50 {r.p50_ms:7.1f} "
+        f"p99 {r.p99_ms:7.1f} ms  overhead p50 {r.overhead_p50_ms:7.1f} "
+        f"p99 {r.overhead_p99_ms:7.1f} ms  missing {r.missing} refused {r.refused} "
+        f"{r.reasons or ''}",
+        flush=True,
+    )
+
+
+# Worker scale ------------------------------------------------------------------------------
+
+
+async def workers_scale(
+    res: Resources, plan: Plan, report: Report, stack: Stack, client: Client, receiver: Receiver
+) -> None:
+    """Drain a backlog of 200 ms jobs with 1, then 2 worker processes of `c` slots each."""
+    await stack.procs.pop("worker").stop()
+    engine = create_engine(stack.database_url)
+    sessionmaker = create_sessionmaker(engine)
+    try:
+        for concurrency in plan.scale_concurrency:
+            for workers in (1, 2):
+                ideal = workers * concurrency / 0.2
+                count = int(min(240, max(40, ideal * plan.scale_seconds)))
+                who = await customer(stack.database_url, res.secret)
+                sent = await burst(
+                    client,
+                    body=job_body("bench-200ms", receiver.url, "scale"),
+                    key=who.key,
+                    count=count,
+                    concurrency=32,
+                )
+                await _relayed(sessionmaker)
+                env = {**stack.env, "AIGEN_WORKER_CONCURRENCY": str(concurrency)}
+                procs = [
+                    await res.start_aigen("worker", env, stack.workdir, label=f"worker-{i}")
+                    for i in range(workers)
+                ]
+                try:
+                    await receiver.wait_for(list(sent.at), plan.drain_seconds + 30)
+                finally:
+                    await asyncio.gather(*(p.stop() for p in procs))
+                times = await _completed_at(sessionmaker, who.account_id)
+                rate = steady_rate(times)
+                report.scale[(concurrency, workers)] = rate
+                print(
+                    f"scale concurrency {concurrency:3d} workers {workers}: {rate:6.1f} jobs/s "
+                    f"({len(times)} of {count} jobs)",
+                    flush=True,
+                )
+    finally:
+        await engine.dispose()
+
+
+async def _relayed(sessionmaker: Sessionmaker, timeout: float = 60) -> None:
+    """Until the relay has published every outbox row (the backlog is in RabbitMQ)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        async with sessionmaker() as session:
+            left = await session.scalar(
+                select(func.count())
+                .select_from(OutboxMessage)
+                .where(OutboxMessage.sent_at.is_(None))
+            )
+        if not left:
+            return
+        await asyncio.sleep(0.2)
+
+
+async def _completed_at(sessionmaker: Sessionmaker, account_id: str) -> list[float]:
+    """When the worker announced each of the account's jobs done (its outbox row's time)."""
+    async with sessionmaker() as session:
+        rows = await session.scalars(
+            select(OutboxMessage.created_at).where(
+                OutboxMessage.account_id == account_id,
+                OutboxMessage.type == "AIGenerationJobCompleted",
+            )
+        )
+        return [value.timestamp() for value in rows]
+
+
+# Output ------------------------------------------------------------------------------------
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    line = "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |"
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    body = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows
+    ]
+    return "\n".join([line, rule, *body])
+
+
+def render(report: Report) -> str:
+    out: list[str] = []
+    med = statistics.median
+    if report.accept:
+        rows = []
+        for name, results in report.accept.items():
+            ratios = report.accept_ratio.get(name)
+            rows.append(
+                [
+                    name,
+                    f"{med(r.rps for r in results):.0f}",
+                    f"{med(r.p50_ms for r in results):.1f}",
+                    f"{med(r.p99_ms for r in results):.1f}",
+                    f"{med(ratios):.0%}" if ratios else "100%",
+                    str(sum(r.errors for r in results)),
+                ]
+            )
+        out.append(
+            "Accept path, POST /v1/generate, wrk -t1 -c"
+            f"{report.plan.connections}, median of {report.plan.accept_rounds} alternating runs"
+        )
+        out.append(table(["target", "req/s", "p50 ms", "p99 ms", "vs bare", "errors"], rows))
+    if report.paced:
+        rows = [
+            [name, f"{rate:.0f}", f"{r.rps:.0f}", f"{r.p50_ms:.1f}", f"{r.p99_ms:.1f}"]
+            for name, (rate, r) in report.paced.items()
+        ]
+        out.append("\nAccept path at 80 % of each target's own maximum (paced wrk connections)")
+        out.append(table(["target", "offered req/s", "got req/s", "p50 ms", "p99 ms"], rows))
+    if report.pipeline:
+        rows = [
+            [
+                label,
+                f"{r.jobs_per_s:.0f}",
+                f"{r.p50_ms:.1f}",
+                f"{r.p99_ms:.1f}",
+                f"{r.overhead_p50_ms:.1f}",
+                f"{r.overhead_p99_ms:.1f}",
+                f"{r.missing}/{r.refused}",
+            ]
+            for label, r in report.pipeline.items()
+        ]
+        out.append("\nPipeline, POST → webhook received (overhead = end to end − model time)")
+        out.append(
+            table(
+                [
+                    "stack, model, load",
+                    "jobs/s",
+                    "e2e p50",
+                    "e2e p99",
+                    "ovh p50",
+                    "ovh p99",
+                    "lost/refused",
+                ],
+                rows,
+            )
+        )
+    if report.legs:
+        labels = list(report.legs)
+        rows = [
+            [
+                leg,
+                *(
+                    "{:.0f} / {:.0f}".format(*report.legs[label][leg])
+                    if leg in report.legs[label]
+                    else "-"
+                    for label in labels
+                ),
+            ]
+            for leg in LEGS
+        ]
+        out.append("\nWhere the time goes, ms p50 / p99 (from the JSON logs; 0 ms model)")
+        out.append(table(["leg", *labels], rows))
+    if report.cpu:
+        names = sorted({name for per in report.cpu.values() for name in per})
+        rows = [
+            [kind, *(f"{per[n]:.1f}" if n in per else "" for n in names)]
+            for kind, per in report.cpu.items()
+        ]
+        out.append(
+            "\nCPU ms per job, by process: the 0 ms maximum run and its drain, / jobs delivered"
+        )
+        out.append(table(["stack", *names], rows))
+    if report.scale:
+        rows = []
+        for concurrency in sorted({c for c, _ in report.scale}):
+            one = report.scale.get((concurrency, 1), float("nan"))
+            two = report.scale.get((concurrency, 2), float("nan"))
+            rows.append(
+                [
+                    str(concurrency),
+                    f"{concurrency / 0.2:.0f}",
+                    f"{one:.1f}",
+                    f"{two:.1f}",
+                    f"{two / one:.2f}x" if one else "-",
+                ]
+            )
+        out.append("\nWorkers at 200 ms model latency (production stack, backlog drained)")
+        out.append(
+            table(["concurrency", "ideal 1 worker", "1 worker", "2 workers", "2 vs 1"], rows)
+        )
+    if report.memory:
+        rows = [
+            [name, f"{idle:.0f}", f"{peak:.0f}"] for name, (idle, peak) in report.memory.items()
+        ]
+        out.append("\nResident size (VmRSS, MiB): idle after start-up, peak under load")
+        out.append(table(["process", "idle", "peak"], rows))
+    if report.notes:
+        out.append("")
+        out.extend(f"- {note}" for note in report.notes)
+    return "\n".join(out)
+
+
+# Entry point -------------------------------------------------------------------------------
+
+
+async def main_async(options: argparse.Namespace) -> Report:
+    plan = QUICK if options.quick else FULL
+    report = Report(plan)
+    res = Resources(keep=options.keep or options.profile)
+    print(f"bench: working in {res.root}", flush=True)
+    sections = options.only or list(SECTIONS)
+    try:
+        async with asyncio.timeout(options.timeout):
+            if "accept" in sections:
+                await accept(res, plan, report, options.log_level, profile=options.profile)
+            if "pipeline" in sections or "scale" in sections:
+                if "pipeline" in sections:
+                    await pipeline(
+                        res,
+                        plan,
+                        report,
+                        "embedded",
+                        options.log_level,
+                        scale=False,
+                        profile=options.profile,
+                    )
+                await pipeline(
+                    res,
+                    plan,
+                    report,
+                    "production",
+                    options.log_level,
+                    scale="scale" in sections,
+                    profile=options.profile,
+                )
+    finally:
+        await res.aclose()
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="shorter runs (under 3 minutes)")
+    parser.add_argument("--only", action="append", choices=SECTIONS, help="run only these")
+    parser.add_argument("--log-level", default="info", help="AIGEN_LOG_LEVEL of every process")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
+    parser.add_argument(
+        "--profile", action="store_true", help="py-spy the aigen processes (implies --keep)"
+    )
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--timeout", type=float, default=900.0, help="abort after this long")
+    options = parser.parse_args(argv)
+    started = time.monotonic()
+    report = asyncio.run(main_async(options))
+    print()
+    print(render(report))
+    print(f"\n(took {time.monotonic() - started:.0f} s)")
+    if options.json:
+        data = asdict(report)
+        data["scale"] = {f"{c}x{w}": v for (c, w), v in report.scale.items()}
+        options.json.write_text(json.dumps(data, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
