@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import math
+import signal
 import statistics
 import sys
 import time
@@ -592,6 +593,11 @@ async def main_async(options: argparse.Namespace) -> Report:
     report = Report(plan)
     res = Resources(keep=options.keep or options.profile)
     print(f"bench: working in {res.root}", flush=True)
+    # SIGTERM (a `timeout`, a CI limit) cancels the run, so the `finally` below still
+    # stops every process and drops every database, queue and key (SIGINT already does).
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     sections = options.only or list(SECTIONS)
     try:
         async with asyncio.timeout(options.timeout):

@@ -25,14 +25,12 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.responses import Response
 
-from aigen.backend.idempotency import service as idempotency_service
 from aigen.backend.idempotency.service import Claim, StoredResponse
 from aigen.backend.job import service as job_service
 from aigen.backend.job import views
 from aigen.backend.job.schemas import JobCreate
 from aigen.backend.principal import Principal
 from aigen.bootstrap import Deps
-from aigen.db.session import unit_of_work
 from aigen.errors import AppError, Unprocessable
 from aigen.ids import new_id
 from aigen.models import Job
@@ -149,30 +147,29 @@ async def _create(
     owned: Claim | None,
     submission: Submission,
 ) -> tuple[str, dict[str, str]]:
-    async with unit_of_work(deps.sessionmaker) as session:
-        try:
-            accepted = await job_service.create(
-                session, principal, new, traceparent=submission.traceparent
-            )
-        except job_service.ConcurrencyLimitError:
-            admission.add_concurrency(request, principal, active=principal.concurrency)
-            raise
-        admission.add_concurrency(request, principal, active=accepted.active)
-        out = await views.render(
-            session,
-            accepted.job,
-            store=deps.store,
-            base_url=str(request.base_url),
-            url_ttl=deps.settings.asset_url_ttl_seconds,
-            with_queue_position=False,
-            with_assets=False,
+    # The answer is rendered before the transaction (a new job has no assets and no
+    # queue position to read), so that it can be stored for the idempotency key in it.
+    job = job_service.new_row(principal, new)
+    out = await views.render(
+        None,
+        job,
+        store=deps.store,
+        base_url=str(request.base_url),
+        url_ttl=deps.settings.asset_url_ttl_seconds,
+        with_queue_position=False,
+        with_assets=False,
+    )
+    payload = out.model_dump_json()
+    headers = {"Location": out.urls.self, "Retry-After": "1"}
+    answer = StoredResponse(202, payload, headers) if owned is not None else None
+    try:
+        accepted = await get_state(request).intake.create(
+            job_service.Submission(principal, job, submission.traceparent, owned, answer)
         )
-        payload = out.model_dump_json()
-        headers = {"Location": out.urls.self, "Retry-After": "1"}
-        if owned is not None:
-            await idempotency_service.complete(
-                session, owned, status=202, body=payload, headers=headers
-            )
+    except job_service.ConcurrencyLimitError:
+        admission.add_concurrency(request, principal, active=principal.concurrency)
+        raise
+    admission.add_concurrency(request, principal, active=accepted.active)
     return payload, headers
 
 

@@ -15,7 +15,7 @@ from aigen.config import Settings
 from . import exception_handlers
 from .middleware import RequestContextMiddleware
 from .routes import account, assets, catalog, health, jobs, webhooks
-from .state import AppState, KeyCache, get_app_state
+from .state import AppState, get_app_state
 
 DESCRIPTION = """\
 Asynchronous AI generation. `POST /v1/generate` accepts a job (`202`), a worker runs the
@@ -32,7 +32,7 @@ def create_app(settings: Settings, *, deps: Deps | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         own = deps is None
         built = await build_deps(settings) if deps is None else deps
-        app.state.aigen = AppState(deps=built, key_cache=KeyCache(settings.key_cache_seconds))
+        app.state.aigen = AppState.create(built)
         stop = asyncio.Event()
         watcher = asyncio.create_task(watch_revocations(app, stop))
         try:
@@ -53,7 +53,7 @@ def create_app(settings: Settings, *, deps: Deps | None = None) -> FastAPI:
     )
     if deps is not None:
         # Tests drive the app without running its lifespan (httpx's ASGITransport).
-        app.state.aigen = AppState(deps=deps, key_cache=KeyCache(settings.key_cache_seconds))
+        app.state.aigen = AppState.create(deps)
     exception_handlers.install(app)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
     for module in (jobs, catalog, account, assets, health):

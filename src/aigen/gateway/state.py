@@ -12,6 +12,8 @@ from fastapi import FastAPI, Request
 from aigen.backend.principal import Principal
 from aigen.bootstrap import Deps
 
+from .intake import Intake
+
 
 @dataclass(frozen=True, slots=True)
 class CachedKey:
@@ -66,10 +68,20 @@ class KeyCache:
 class AppState:
     deps: Deps
     key_cache: KeyCache
+    # Group commit of accepted jobs (`POST /v1/generate`).
+    intake: Intake
     # Stamps `last_used_at` at most once a minute per key (monotonic seconds).
     key_touched: dict[str, float] = field(default_factory=dict)
     # One database read per key hash at a time, however many requests arrive at once.
     key_lookups: dict[str, asyncio.Future[CachedKey]] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, deps: Deps) -> AppState:
+        return cls(
+            deps=deps,
+            key_cache=KeyCache(deps.settings.key_cache_seconds),
+            intake=Intake(deps),
+        )
 
 
 def get_state(request: Request) -> AppState:

@@ -1,15 +1,19 @@
 """The credit ledger (DESIGN §6): integers, append-only, balance == ledger sum.
 
-A job's money moves as `hold` (−worst case) when it is accepted, then either `release`
-(+hold) alone, or `release` (+hold) and `capture` (−actual, never above the hold) in the
-one transaction that applies its result. The unique (job, kind) index makes a second
+A job's money moves as `hold` (−worst case) when it is accepted (`lock_balances`, then
+`hold_many` for the jobs that fit), then either `release` (+hold) alone, or `release`
+(+hold) and `capture` (−actual, never above the hold) in the one transaction that
+applies its result. The unique (job, kind) index makes a second
 application fail instead of charging twice. Functions take the session first and never
 commit: the caller's transaction holds the ledger row together with the state change.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import func, select, update
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aigen.errors import NotFound, PaymentRequired
@@ -62,28 +66,61 @@ async def adjust(session: AsyncSession, account_id: str, amount: int, *, note: s
     return await _move(session, account_id=account_id, amount=amount, kind="adjust", note=note)
 
 
-async def hold(
-    session: AsyncSession, *, account_id: str, job_id: str, amount: int, model: str
-) -> None:
-    """Reserve `amount` for a job, or raise 402; one conditional update, so never negative.
+@dataclass(frozen=True, slots=True)
+class Hold:
+    account_id: str
+    job_id: str
+    amount: int
+    model: str
 
-    The ledger row is written (flushed) before the update, so that the account row stays
-    locked for as short a time as possible; a refusal rolls both back.
-    """
-    session.add(
-        CreditEntry(account_id=account_id, job_id=job_id, kind="hold", amount=-amount, model=model)
+
+async def lock_balances(session: AsyncSession, account_ids: Iterable[str]) -> dict[str, int]:
+    """The accounts' balances, their rows locked until the transaction ends (PostgreSQL;
+    SQLite's writer lock covers the whole transaction). Locked in id order, so that two
+    transactions that lock several accounts cannot deadlock on one another."""
+    rows = await session.execute(
+        select(Account.id, Account.balance)
+        .where(Account.id.in_(sorted(set(account_ids))))
+        .order_by(Account.id)
+        .with_for_update()
     )
-    await session.flush()
-    result = await session.execute(
-        update(Account)
-        .where(Account.id == account_id, Account.balance >= amount)
-        .values(balance=Account.balance - amount)
+    return {account_id: int(balance) for account_id, balance in rows.all()}
+
+
+def short_of_credits(amount: int, balance: int) -> InsufficientCreditsError:
+    return InsufficientCreditsError(
+        f"this job needs up to {amount} credits and the balance is {balance}",
+        extra={"credits_required": amount, "balance": balance},
     )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
-        balance = await session.scalar(select(Account.balance).where(Account.id == account_id))
-        raise InsufficientCreditsError(
-            f"this job needs up to {amount} credits and the balance is {balance or 0}",
-            extra={"credits_required": amount, "balance": balance or 0},
+
+
+async def hold_many(session: AsyncSession, holds: Sequence[Hold]) -> None:
+    """Write the holds that the caller checked against `lock_balances` in this
+    transaction: one ledger row each, and one balance update per account."""
+    if not holds:
+        return
+    await session.execute(
+        insert(CreditEntry),
+        [
+            {
+                "account_id": h.account_id,
+                "job_id": h.job_id,
+                "kind": "hold",
+                "amount": -h.amount,
+                "model": h.model,
+            }
+            for h in holds
+        ],
+    )
+    totals: dict[str, int] = {}
+    for h in holds:
+        totals[h.account_id] = totals.get(h.account_id, 0) + h.amount
+    for account_id, total in totals.items():
+        await session.execute(
+            update(Account)
+            .where(Account.id == account_id)
+            .values(balance=Account.balance - total)
+            .execution_options(synchronize_session=False)
         )
 
 

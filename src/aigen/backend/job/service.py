@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aigen.backend.billing import service as billing
+from aigen.backend.idempotency import service as idempotency
+from aigen.backend.idempotency.service import Claim, StoredResponse
 from aigen.backend.principal import Principal
 from aigen.bus import outbox
 from aigen.bus.messages import (
@@ -23,10 +25,11 @@ from aigen.bus.messages import (
     AIGenerationJobCompleted,
     AIGenerationJobFailed,
     AIGenerationJobRequested,
+    Envelope,
 )
 from aigen.clock import utcnow
 from aigen.db.session import is_postgres
-from aigen.errors import Conflict, NotFound, RateLimited
+from aigen.errors import AppError, Conflict, NotFound, RateLimited
 from aigen.ids import new_id
 from aigen.models import ApiKey, Asset, Job
 from aigen.models.job import (
@@ -77,24 +80,24 @@ class Accepted:
     active: int
 
 
-async def create(
-    session: AsyncSession,
-    principal: Principal,
-    new: NewJob,
-    *,
-    traceparent: str | None = None,
-) -> Accepted:
-    """Accept a job: job and outbox rows, credit hold, concurrency check, one transaction.
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """One job to accept, as `create_many` takes it: the row (`new_row`) and who asks."""
 
-    The order keeps the locks short: the rows are inserted first (they lock nothing
-    another request needs), then the hold's conditional update locks the account row,
-    then the key's row is locked to count its jobs, and the commit follows at once. Short
-    of credits is a 402 even for a key that is also at its concurrency limit.
-    """
-    job_id = new.id or new_id("job")
+    principal: Principal
+    job: Job
+    traceparent: str | None = None
+    # With an Idempotency-Key: the claim, and the answer to store with the job.
+    claim: Claim | None = None
+    answer: StoredResponse | None = None
+
+
+def new_row(principal: Principal, new: NewJob) -> Job:
+    """The job as it will be stored once accepted (not yet added to any session), so that
+    the `202` can be rendered before the transaction that stores it."""
     now = utcnow()
-    job = Job(
-        id=job_id,
+    return Job(
+        id=new.id or new_id("job"),
         account_id=principal.account_id,
         api_key_id=principal.key_id,
         model=new.model,
@@ -110,46 +113,125 @@ async def create(
         created_at=now,
         updated_at=now,
     )
-    session.add(job)
-    outbox.add(
-        session,
-        AIGenerationJobRequested(
-            job_id=job_id, account_id=principal.account_id, model=new.model, input=new.input
-        ),
-        traceparent=traceparent,
-    )
-    await billing.hold(
-        session, account_id=principal.account_id, job_id=job_id, amount=new.hold, model=new.model
-    )
-    active = await _check_concurrency(session, principal)
-    return Accepted(job, active)
 
 
-async def _check_concurrency(session: AsyncSession, principal: Principal) -> int:
-    """The key's active jobs, the caller's new one included; 429 when over the limit."""
+async def create(
+    session: AsyncSession,
+    principal: Principal,
+    new: NewJob,
+    *,
+    traceparent: str | None = None,
+) -> Accepted:
+    """Accept one job in the caller's transaction, or raise 402 / 429 (`create_many`)."""
+    job = new_row(principal, new)
+    [outcome] = await create_many(session, [Submission(principal, job, traceparent)])
+    if isinstance(outcome, AppError):
+        raise outcome
+    return outcome
+
+
+async def create_many(
+    session: AsyncSession, submissions: Sequence[Submission]
+) -> list[Accepted | AppError]:
+    """Accept jobs (seed step 4): credit hold, concurrency check, job and outbox rows.
+
+    Each submission is judged on its own, in order, and gets its `Accepted` or the error
+    to answer (402 short of credits, which wins over 429 at the concurrency limit, or 409
+    for an idempotency claim taken over); the others go on. All of it is one transaction
+    of the caller's: the API accepts the jobs that arrive together in one commit, so the
+    hot rows' locks and the commit are paid once per batch (`gateway.intake`).
+
+    The accounts' and then the keys' rows are locked first, in id order; the counts read
+    after that see every job that the transactions before this one committed, so neither
+    the balance nor a key's concurrency can be overshot by racing API processes.
+    """
+    balances = await billing.lock_balances(session, (s.principal.account_id for s in submissions))
+    key_ids = sorted({s.principal.key_id for s in submissions})
     if is_postgres(session):
-        # Serialise acceptance per key, so that insert-then-count cannot overshoot: the
-        # count below runs after the lock is granted, so it sees every job committed by
-        # the transactions that held it before.
         # (SQLite already serialises writers: every transaction begins IMMEDIATE.)
         await session.execute(
-            select(ApiKey.id).where(ApiKey.id == principal.key_id).with_for_update()
+            select(ApiKey.id).where(ApiKey.id.in_(key_ids)).order_by(ApiKey.id).with_for_update()
         )
-    active = int(
-        await session.scalar(
-            select(func.count())
-            .select_from(Job)
-            .where(Job.api_key_id == principal.key_id, Job.status.in_(ACTIVE))
-        )
-        or 0
+    counts = await session.execute(
+        select(Job.api_key_id, func.count())
+        .where(Job.api_key_id.in_(key_ids), Job.status.in_(ACTIVE))
+        .group_by(Job.api_key_id)
     )
-    if active > principal.concurrency:
-        raise ConcurrencyLimitError(
-            f"this key may have {principal.concurrency} jobs pending or processing at once",
-            headers={"Retry-After": "1"},
-            extra={"policy": "concurrency", "limit": principal.concurrency},
+    active: dict[str, int] = {key_id: int(n) for key_id, n in counts.all()}
+
+    outcomes: list[Accepted | AppError] = []
+    accepted: list[Submission] = []
+    for submission in submissions:
+        job, principal = submission.job, submission.principal
+        balance = balances.get(job.account_id)
+        if balance is None:
+            outcomes.append(billing.AccountNotFoundError(f"no account {job.account_id}"))
+            continue
+        if balance < job.credits_reserved:
+            outcomes.append(billing.short_of_credits(job.credits_reserved, balance))
+            continue
+        count = active.get(job.api_key_id, 0) + 1
+        if count > principal.concurrency:
+            outcomes.append(_over_concurrency(principal))
+            continue
+        if submission.claim is not None and submission.answer is not None:
+            answer = submission.answer
+            try:
+                await idempotency.complete(
+                    session,
+                    submission.claim,
+                    status=answer.status,
+                    body=answer.body,
+                    headers=answer.headers,
+                )
+            except AppError as error:
+                outcomes.append(error)
+                continue
+        balances[job.account_id] = balance - job.credits_reserved
+        active[job.api_key_id] = count
+        accepted.append(submission)
+        outcomes.append(Accepted(job, count))
+
+    if accepted:
+        await session.execute(insert(Job), [_columns(s.job) for s in accepted])
+        await outbox.add_many(
+            session,
+            [
+                Envelope.wrap(
+                    AIGenerationJobRequested(
+                        job_id=s.job.id,
+                        account_id=s.job.account_id,
+                        model=s.job.model,
+                        input=s.job.input,
+                    ),
+                    traceparent=s.traceparent,
+                )
+                for s in accepted
+            ],
         )
-    return active
+        await billing.hold_many(
+            session,
+            [
+                billing.Hold(s.job.account_id, s.job.id, s.job.credits_reserved, s.job.model)
+                for s in accepted
+            ],
+        )
+    return outcomes
+
+
+_JOB_COLUMNS = tuple(attr.key for attr in Job.__mapper__.column_attrs)
+
+
+def _columns(job: Job) -> dict[str, Any]:
+    return {key: getattr(job, key) for key in _JOB_COLUMNS}
+
+
+def _over_concurrency(principal: Principal) -> ConcurrencyLimitError:
+    return ConcurrencyLimitError(
+        f"this key may have {principal.concurrency} jobs pending or processing at once",
+        headers={"Retry-After": "1"},
+        extra={"policy": "concurrency", "limit": principal.concurrency},
+    )
 
 
 async def get(session: AsyncSession, job_id: str, *, account_id: str | None = None) -> Job:

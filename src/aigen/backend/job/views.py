@@ -17,7 +17,7 @@ def job_urls(base_url: str, job_id: str) -> JobUrls:
 
 
 async def render(
-    session: AsyncSession,
+    session: AsyncSession | None,
     job: Job,
     *,
     store: AssetStore,
@@ -27,9 +27,12 @@ async def render(
     with_assets: bool = True,
 ) -> JobOut:
     """The job as the API and webhooks show it; `with_assets=False` skips the assets
-    query for a job that cannot have any yet (one just accepted)."""
+    query for a job that cannot have any yet (one just accepted). Without either query
+    no session is needed (a job rendered before the transaction that stores it)."""
     assets = []
-    for asset in await service.assets_of(session, job.id) if with_assets else []:
+    if with_assets or with_queue_position:
+        assert session is not None, "reading assets or the queue position needs a session"
+    for asset in await service.assets_of(session, job.id) if session and with_assets else []:
         url, expires_at = await store.url(asset.key, expires_in=url_ttl)
         assets.append(
             AssetOut(
@@ -40,7 +43,9 @@ async def render(
                 url_expires_at=expires_at,
             )
         )
-    position = await service.queue_position(session, job) if with_queue_position else None
+    position = (
+        await service.queue_position(session, job) if session and with_queue_position else None
+    )
     return JobOut(
         id=job.id,
         model=job.model,

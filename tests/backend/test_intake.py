@@ -1,0 +1,112 @@
+"""Group commit of accepted jobs: many jobs in one transaction, each judged on its own."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from sqlalchemy import event, func, select
+
+from aigen.backend.billing import service as billing
+from aigen.backend.job import service as job_service
+from aigen.backend.principal import Principal
+from aigen.db.session import unit_of_work
+from aigen.errors import AppError
+from aigen.gateway.intake import Intake
+from aigen.models import Job, OutboxMessage
+from tests.fixtures.platform import Api, Customer
+
+
+def principal(customer: Customer, *, concurrency: int = 100) -> Principal:
+    return Principal(
+        key_id=customer.key_id,
+        account_id=customer.account_id,
+        scopes=frozenset({"generate"}),
+        rpm=1000,
+        concurrency=concurrency,
+    )
+
+
+def submission(who: Principal, hold: int) -> job_service.Submission:
+    new = job_service.NewJob(model="scripted-text", task="text", input={"prompt": "x"}, hold=hold)
+    return job_service.Submission(who, job_service.new_row(who, new))
+
+
+async def test_each_job_in_a_batch_is_judged_on_its_own(api: Api) -> None:
+    rich, poor = await api.customer(credits=100), await api.customer(credits=10)
+    narrow = principal(await api.customer(credits=100), concurrency=1)
+    batch = [
+        submission(principal(poor), 4),
+        submission(principal(rich), 50),
+        submission(principal(poor), 4),
+        submission(principal(poor), 4),  # 2 credits left: refused
+        submission(narrow, 1),
+        submission(narrow, 1),  # over the key's concurrency: refused
+        submission(principal(poor), 2),  # fits what is left
+    ]
+    async with unit_of_work(api.deps.sessionmaker) as session:
+        outcomes = await job_service.create_many(session, batch)
+
+    kinds = [type(o).__name__ for o in outcomes]
+    assert kinds == [
+        "Accepted",
+        "Accepted",
+        "Accepted",
+        "InsufficientCreditsError",
+        "Accepted",
+        "ConcurrencyLimitError",
+        "Accepted",
+    ]
+    short = outcomes[3]
+    assert isinstance(short, AppError)
+    assert short.status_code == 402
+    assert short.extra == {"credits_required": 4, "balance": 2}
+    async with api.deps.sessionmaker() as session:
+        assert await billing.balance(session, poor.account_id) == 0
+        assert await billing.ledger_sum(session, poor.account_id) == 0
+        assert await billing.balance(session, rich.account_id) == 50
+        assert await billing.ledger_sum(session, rich.account_id) == 50
+        stored = await session.scalar(select(func.count()).select_from(Job))
+        events = await session.scalar(select(func.count()).select_from(OutboxMessage))
+    assert stored == events == 5
+
+
+async def test_concurrent_accepts_share_transactions(api: Api) -> None:
+    customer = await api.customer(credits=1000)
+    who = principal(customer)
+    commits = 0
+
+    def count(*_: Any) -> None:
+        nonlocal commits
+        commits += 1
+
+    sync_engine = api.deps.engine.sync_engine
+    event.listen(sync_engine, "commit", count)
+    try:
+        intake = Intake(api.deps)
+        accepted = await asyncio.gather(*(intake.create(submission(who, 3)) for _ in range(50)))
+    finally:
+        event.remove(sync_engine, "commit", count)
+
+    assert len({a.job.id for a in accepted}) == 50
+    assert 1 <= commits < 50
+    async with api.deps.sessionmaker() as session:
+        assert await billing.balance(session, customer.account_id) == 1000 - 150
+        assert await billing.ledger_sum(session, customer.account_id) == 1000 - 150
+
+
+async def test_a_failed_batch_fails_every_job_in_it(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    who = principal(await api.customer(credits=1000))
+
+    async def broken(*_: Any) -> list[Any]:
+        raise ConnectionResetError("the database went away")
+
+    monkeypatch.setattr(job_service, "create_many", broken)
+    intake = Intake(api.deps)
+    results = await asyncio.gather(
+        *(intake.create(submission(who, 3)) for _ in range(5)), return_exceptions=True
+    )
+    assert all(isinstance(r, ConnectionResetError) for r in results)

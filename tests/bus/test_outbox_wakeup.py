@@ -1,0 +1,80 @@
+"""The relay is woken by a commit that added outbox rows, not only by its poll.
+
+In the same process through an in-memory signal; across processes on PostgreSQL through
+`NOTIFY aigen_outbox` (the relay below has an engine of its own, as another process
+would). The poll interval is set far beyond the test's patience, so only a wake-up can
+publish the event in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from aigen.bus import outbox
+from aigen.bus.messages import AIGenerationJobCanceled, Envelope
+from aigen.db.session import Sessionmaker, create_engine, create_sessionmaker, unit_of_work
+
+NEVER = 3600.0
+
+
+class RecordingBroker:
+    def __init__(self) -> None:
+        self.published: list[Envelope] = []
+        self.arrived = asyncio.Event()
+
+    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        self.published.extend(envelopes)
+        self.arrived.set()
+
+
+async def _published_after_commit(producer: Sessionmaker, relay_sessions: Sessionmaker) -> None:
+    broker = RecordingBroker()
+    relay = outbox.Relay(relay_sessions, broker, poll_interval=NEVER)  # type: ignore[arg-type]
+    stop = asyncio.Event()
+    running = asyncio.create_task(relay.run(stop))
+    try:
+        # The first poll finds nothing; from then on the relay sleeps for an hour.
+        await asyncio.sleep(0.5)
+        async with unit_of_work(producer) as session:
+            envelope = outbox.add(
+                session, AIGenerationJobCanceled(job_id="job-1", account_id="acc-1")
+            )
+        await asyncio.wait_for(broker.arrived.wait(), 20)
+        assert [e.id for e in broker.published] == [envelope.id]
+    finally:
+        stop.set()
+        await running
+
+
+async def test_a_commit_wakes_the_relay(sessionmaker: Sessionmaker, database_url: str) -> None:
+    if database_url.startswith("sqlite"):
+        # One process: the same engine, woken in memory.
+        await _published_after_commit(sessionmaker, sessionmaker)
+        return
+    # PostgreSQL: the relay's engine is another one, woken by NOTIFY.
+    engine = create_engine(database_url)
+    try:
+        await _published_after_commit(sessionmaker, create_sessionmaker(engine))
+    finally:
+        await engine.dispose()
+
+
+async def test_a_rollback_publishes_nothing(sessionmaker: Sessionmaker) -> None:
+    broker = RecordingBroker()
+    relay = outbox.Relay(sessionmaker, broker, poll_interval=NEVER)  # type: ignore[arg-type]
+    stop = asyncio.Event()
+    running = asyncio.create_task(relay.run(stop))
+    try:
+        await asyncio.sleep(0.5)
+        try:
+            async with unit_of_work(sessionmaker) as session:
+                outbox.add(session, AIGenerationJobCanceled(job_id="job-1", account_id="acc-1"))
+                raise RuntimeError("rolled back")
+        except RuntimeError:
+            pass
+        assert await relay.run_once() == 0
+        assert broker.published == []
+    finally:
+        stop.set()
+        await running
