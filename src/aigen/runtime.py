@@ -110,7 +110,12 @@ async def run_notifier(deps: Deps, stop: asyncio.Event) -> None:
             # The notifier races the backend for each result; most of its short retries
             # are taken in hand (`retry_soon`) instead of through the broker's delay queues.
             retry_soon(
-                patient(notification_handlers.make_handler(deps.sessionmaker), delay=patience(deps))
+                patient(
+                    notification_handlers.make_handler(
+                        deps.sessionmaker, on_enqueued=dispatcher.wake
+                    ),
+                    delay=patience(deps),
+                )
             ),
             stop=stop,
             prefetch=deps.settings.prefetch,

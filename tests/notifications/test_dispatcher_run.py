@@ -150,3 +150,24 @@ class TestStop:
         assert (done.status, done.attempts) == ("delivered", 4)
         attempts = await load_attempts(sessionmaker, delivery_id)
         assert [a.status_code for a in attempts] == [500, 500, 500, 200]
+
+
+class TestWake:
+    async def test_a_wake_up_claims_at_once_not_at_the_poll(
+        self, sessionmaker: Sessionmaker, settings: Settings, receiver: WebhookReceiverDouble
+    ) -> None:
+        # The poll is an hour: only `wake()` (the handler in the same process, once its
+        # deliveries are committed) can get the webhook out within the test's patience.
+        slow = settings.model_copy(update={"poll_interval_seconds": 3600.0})
+        stop = asyncio.Event()
+        dispatcher = Dispatcher(sessionmaker, slow, payload_builder=build_payload)
+        task = asyncio.create_task(dispatcher.run(stop))
+        try:
+            await asyncio.sleep(0.3)  # the first claim found nothing; the loop now sleeps
+            (delivery_id,) = await jobs_to(sessionmaker, [receiver.url()])
+            dispatcher.wake()
+            await asyncio.wait_for(receiver.wait_for(1), 10)
+            assert receiver.requests[0].webhook_id == delivery_id
+        finally:
+            stop.set()
+            await task

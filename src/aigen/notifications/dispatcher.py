@@ -86,6 +86,11 @@ class Dispatcher:
         self._resolver = resolver
         self._rng = rng
         self._client: httpx.AsyncClient | None = None
+        self._wakeup = asyncio.Event()
+
+    def wake(self) -> None:
+        """New deliveries are due (enqueued in this process): claim now, not at the poll."""
+        self._wakeup.set()
 
     async def __aenter__(self) -> Self:
         return self
@@ -120,9 +125,11 @@ class Dispatcher:
         """
         in_flight: set[asyncio.Task[None]] = set()
         stopping = asyncio.create_task(stop.wait())
+        woken = asyncio.create_task(self._wakeup.wait())
         try:
             while not stop.is_set():
                 in_flight = {task for task in in_flight if not task.done()}
+                self._wakeup.clear()
                 try:
                     claims = await self._claim(self._concurrency - len(in_flight))
                 except Exception:
@@ -130,8 +137,10 @@ class Dispatcher:
                     claims = []
                 in_flight.update(asyncio.create_task(self._process(c)) for c in claims)
                 full = len(in_flight) >= self._concurrency
+                if woken.done():
+                    woken = asyncio.create_task(self._wakeup.wait())
                 await asyncio.wait(
-                    {stopping, *in_flight},
+                    {stopping, *in_flight} if full else {stopping, woken, *in_flight},
                     timeout=None if full else self._settings.poll_interval_seconds,
                     return_when=asyncio.FIRST_COMPLETED,
                 )
@@ -141,7 +150,8 @@ class Dispatcher:
             raise
         finally:
             stopping.cancel()
-            await asyncio.gather(stopping, *in_flight, return_exceptions=True)
+            woken.cancel()
+            await asyncio.gather(stopping, woken, *in_flight, return_exceptions=True)
             await self.aclose()
 
     async def _claim(self, limit: int) -> list[repository.Claim]:

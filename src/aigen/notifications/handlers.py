@@ -8,6 +8,7 @@ The payload is built from the job as the backend recorded it, so the notifier wa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -36,7 +37,15 @@ EVENT_TYPES = {
 log = structlog.get_logger(__name__)
 
 
-def make_handler(sessionmaker: Sessionmaker, *, wait_seconds: float = 0.2) -> Handler:
+def make_handler(
+    sessionmaker: Sessionmaker,
+    *,
+    wait_seconds: float = 0.2,
+    on_enqueued: Callable[[], None] | None = None,
+) -> Handler:
+    """Turns a job's terminal event into webhook deliveries; `on_enqueued` is told when
+    some were committed (the dispatcher in the same process then claims them at once)."""
+
     async def handle(envelope: Envelope) -> None:
         async with unit_of_work(sessionmaker) as session:
             if await session.get(InboxMessage, (CONSUMER, envelope.id)) is not None:
@@ -49,6 +58,8 @@ def make_handler(sessionmaker: Sessionmaker, *, wait_seconds: float = 0.2) -> Ha
             if job is None:
                 return
             created = await service.enqueue(session, job=job, event_type=EVENT_TYPES[job.status])
+        if created and on_enqueued is not None:
+            on_enqueued()
         log.info("notifier.enqueued", job_id=envelope.job_id, deliveries=len(created))
 
     return handle
