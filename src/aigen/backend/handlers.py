@@ -48,9 +48,10 @@ def make_handler(
             if not await inbox.first_time(session, CONSUMER, envelope.id):
                 return
             if isinstance(message, AIGenerationJobCompleted):
-                current = await session.get(Job, message.job_id)
-                price = pricer(current.model, Usage(**message.usage)) if current else 0
-                job = await job_service.apply_completed(session, message, price=price)
+                usage = Usage(**message.usage)
+                job = await job_service.apply_completed(
+                    session, message, price=lambda job: pricer(job.model, usage)
+                )
                 outcome = "completed" if job else "stale"
             elif isinstance(message, AIGenerationJobFailed):
                 job = await job_service.apply_failed(session, message)

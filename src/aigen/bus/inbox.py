@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from aigen.clock import utcnow
+from aigen.db.session import is_postgres
 from aigen.models import InboxMessage
 
 
@@ -12,17 +15,15 @@ async def first_time(session: AsyncSession, consumer: str, event_id: str) -> boo
     """Record the event in the caller's transaction; False when it was applied before.
 
     The row commits (or rolls back) with the consumer's own changes, so "applied" and
-    "recorded" can never disagree. The primary key turns a concurrent duplicate into an
-    integrity error, which fails that transaction and leads to a redelivery that then
-    finds the row.
+    "recorded" can never disagree. One `INSERT … ON CONFLICT DO NOTHING`: a duplicate
+    that is still being applied by another transaction makes this one wait for it, and
+    then find the row (False) if it committed, or insert it (True) if it rolled back.
     """
-    seen = await session.scalar(
-        select(InboxMessage.event_id).where(
-            InboxMessage.consumer == consumer, InboxMessage.event_id == event_id
-        )
+    insert = pg_insert if is_postgres(session) else sqlite_insert
+    inserted = await session.scalar(
+        insert(InboxMessage)
+        .values(consumer=consumer, event_id=event_id, processed_at=utcnow())
+        .on_conflict_do_nothing(index_elements=["consumer", "event_id"])
+        .returning(InboxMessage.event_id)
     )
-    if seen is not None:
-        return False
-    session.add(InboxMessage(consumer=consumer, event_id=event_id))
-    await session.flush()
-    return True
+    return inserted is not None

@@ -21,7 +21,7 @@ from aigen.bus.messages import Envelope
 from aigen.clock import utcnow
 from aigen.config import Settings
 from aigen.db.session import Sessionmaker, unit_of_work
-from aigen.models import InboxMessage, Job, WebhookDelivery
+from aigen.models import Job, WebhookDelivery
 from aigen.models.job import CANCELED, COMPLETED, EXPIRED, FAILED
 from aigen.storage.base import AssetStore
 
@@ -48,14 +48,12 @@ def make_handler(
 
     async def handle(envelope: Envelope) -> None:
         async with unit_of_work(sessionmaker) as session:
-            if await session.get(InboxMessage, (CONSUMER, envelope.id)) is not None:
-                return
             job = await session.get(Job, envelope.job_id)
             if job is not None and job.status not in EVENT_TYPES:
-                # The backend has not applied the result yet: ask again shortly.
+                # The backend has not applied the result yet (it often races this very
+                # event): ask again shortly, before writing anything.
                 raise Retry(wait_seconds, "job not yet terminal")
-            await inbox.first_time(session, CONSUMER, envelope.id)
-            if job is None:
+            if not await inbox.first_time(session, CONSUMER, envelope.id) or job is None:
                 return
             created = await service.enqueue(session, job=job, event_type=EVENT_TYPES[job.status])
         if created and on_enqueued is not None:

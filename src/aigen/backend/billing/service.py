@@ -137,18 +137,27 @@ async def release(session: AsyncSession, job: Job) -> None:
 
 
 async def settle(session: AsyncSession, job: Job, *, price: int) -> int:
-    """Release the hold and capture the actual price, capped at the hold; returns it."""
+    """Release the hold and capture the actual price, capped at the hold; returns it.
+
+    Two ledger rows, one balance update (by their sum), one flush for both rows.
+    """
     charged = max(0, min(price, job.credits_reserved))
-    await release(session, job)
-    if charged:
-        await _move(
-            session,
-            account_id=job.account_id,
-            amount=-charged,
-            kind="capture",
-            job_id=job.id,
-            model=job.model,
+    entries = [(job.credits_reserved, "release")] + ([(-charged, "capture")] if charged else [])
+    session.add_all(
+        CreditEntry(
+            account_id=job.account_id, job_id=job.id, kind=kind, amount=amount, model=job.model
         )
+        for amount, kind in entries
+    )
+    result = await session.execute(
+        update(Account)
+        .where(Account.id == job.account_id)
+        .values(balance=Account.balance + (job.credits_reserved - charged))
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        raise AccountNotFoundError(f"no account {job.account_id}")
+    await session.flush()
     return charged
 
 

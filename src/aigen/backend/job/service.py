@@ -7,12 +7,12 @@ transaction as the transition that justifies it; events leave through the outbox
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, insert, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aigen.backend.billing import service as billing
@@ -28,6 +28,7 @@ from aigen.bus.messages import (
     Envelope,
 )
 from aigen.clock import utcnow
+from aigen.db.base import UTCDateTime
 from aigen.db.session import is_postgres
 from aigen.errors import AppError, Conflict, NotFound, RateLimited
 from aigen.ids import new_id
@@ -295,17 +296,21 @@ async def _transition(
     conditions = [Job.id == job_id, Job.status.in_(source)]
     if attempt is not None:
         conditions.append(Job.attempt == attempt)
-    result = await session.execute(
+    return await _update_returning(session, conditions, changes)
+
+
+async def _update_returning(
+    session: AsyncSession, conditions: Sequence[Any], changes: dict[str, Any]
+) -> Job | None:
+    """One `UPDATE … RETURNING`: the changed job as stored now, or None if none matched."""
+    result = await session.scalars(
         update(Job)
         .where(*conditions)
         .values(**changes)
-        .execution_options(synchronize_session=False)
+        .returning(Job)
+        .execution_options(synchronize_session=False, populate_existing=True)
     )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
-        return None
-    job = await session.get(Job, job_id, populate_existing=True)
-    assert job is not None
-    return job
+    return result.one_or_none()
 
 
 async def cancel(session: AsyncSession, job_id: str, *, account_id: str) -> Job:
@@ -335,21 +340,28 @@ async def claim(session: AsyncSession, job_id: str) -> Job | None:
     message lease (it died); the bumped attempt makes that holder's late result stale.
     A job whose deadline passed before it started is expired and refunded instead.
     """
-    job = await session.get(Job, job_id, populate_existing=True)
-    if job is None or job.status in TERMINAL:
-        return None
     now = utcnow()
-    if job.status == PENDING and job.deadline_at is not None and job.deadline_at <= now:
-        await expire(session, job)
-        return None
-    return await _transition(
+    # The common case in one statement: an active job, not pending past its deadline.
+    claimed = await _update_returning(
         session,
-        job_id,
-        source=ACTIVE,
-        target=PROCESSING,
-        attempt=job.attempt,
-        values={"attempt": job.attempt + 1, "processing_at": job.processing_at or now},
+        [
+            Job.id == job_id,
+            Job.status.in_(ACTIVE),
+            or_(Job.status != PENDING, Job.deadline_at.is_(None), Job.deadline_at > now),
+        ],
+        {
+            "status": PROCESSING,
+            "attempt": Job.attempt + 1,
+            "processing_at": func.coalesce(Job.processing_at, literal(now, UTCDateTime())),
+            "updated_at": now,
+        },
     )
+    if claimed is not None:
+        return claimed
+    job = await session.get(Job, job_id, populate_existing=True)
+    if job is not None and job.status == PENDING:
+        await expire(session, job)  # (its deadline has passed: the update above says so)
+    return None
 
 
 async def expire(session: AsyncSession, job: Job) -> Job | None:
@@ -402,9 +414,15 @@ async def set_progress(
 
 
 async def apply_completed(
-    session: AsyncSession, message: AIGenerationJobCompleted, *, price: int
+    session: AsyncSession,
+    message: AIGenerationJobCompleted,
+    *,
+    price: int | Callable[[Job], int],
 ) -> Job | None:
-    """Seed step 12: record the assets, capture the price and release the rest, once."""
+    """Seed step 12: record the assets, capture the price and release the rest, once.
+
+    `price` may be a function of the job (its model), called once the job is in hand.
+    """
     job = await _transition(
         session,
         message.job_id,
@@ -426,7 +444,8 @@ async def apply_completed(
                 sha256=asset.sha256,
             )
         )
-    job.credits_charged = await billing.settle(session, job, price=price)
+    charge = price(job) if callable(price) else price
+    job.credits_charged = await billing.settle(session, job, price=charge)
     await session.flush()
     return job
 
