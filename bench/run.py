@@ -67,7 +67,7 @@ class Plan:
     pipe_seconds: float = 15.0
     saturate_seconds: float = 20.0
     drain_seconds: float = 40.0
-    scale_concurrency: tuple[int, ...] = (4, 16, 64)
+    scale_concurrency: tuple[int, ...] = (1, 4, 16, 64)
     scale_seconds: float = 4.0
     worker_concurrency: int = 64
 
@@ -81,7 +81,7 @@ QUICK = Plan(
     pipe_seconds=5.0,
     saturate_seconds=8.0,
     drain_seconds=20.0,
-    scale_concurrency=(16,),
+    scale_concurrency=(1, 16),
     scale_seconds=3.0,
 )
 SECTIONS = ("accept", "pipeline", "scale")

@@ -96,17 +96,27 @@ async def test_concurrent_accepts_share_transactions(api: Api) -> None:
         assert await billing.ledger_sum(session, customer.account_id) == 1000 - 150
 
 
-async def test_a_failed_batch_fails_every_job_in_it(
+async def test_an_unreachable_database_fails_the_batch_and_the_jobs_behind_it(
     api: Api, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     who = principal(await api.customer(credits=1000))
+    tried: list[int] = []
+    stuck = asyncio.Event()
 
-    async def broken(*_: Any) -> list[Any]:
+    async def unreachable(_: Any, submissions: list[Any]) -> list[Any]:
+        tried.append(len(submissions))
+        await stuck.wait()  # as a connect timeout would
         raise ConnectionResetError("the database went away")
 
-    monkeypatch.setattr(job_service, "create_many", broken)
+    monkeypatch.setattr(job_service, "create_many", unreachable)
     intake = Intake(api.deps)
-    results = await asyncio.gather(
-        *(intake.create(submission(who, 3)) for _ in range(5)), return_exceptions=True
-    )
+    first = asyncio.ensure_future(intake.create(submission(who, 3)))
+    await asyncio.sleep(0.1)  # the first batch is in its transaction
+    behind = [asyncio.ensure_future(intake.create(submission(who, 3))) for _ in range(5)]
+    await asyncio.sleep(0.1)
+    stuck.set()
+    results = await asyncio.gather(first, *behind, return_exceptions=True)
+
     assert all(isinstance(r, ConnectionResetError) for r in results)
+    # The five queued behind were not tried one timeout later: they failed with the first.
+    assert tried == [1]

@@ -11,7 +11,9 @@ under load the batches grow by themselves, with no timer.
 
 Each job is still judged on its own (402, 429, 409), and a job is answered `202` only
 once the transaction holding it has committed. A database error fails the whole batch,
-and each request then undoes its own quota reservation, as for a transaction of its own.
+and each request then undoes its own quota reservation, as for a transaction of its own;
+when the database cannot be reached, the jobs waiting for the next batch fail with it,
+so that no request waits out more than one batch's timeouts.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Sequence
 
 from aigen.backend.job import service as job_service
 from aigen.bootstrap import Deps
+from aigen.db.errors import unreachable
 from aigen.db.session import unit_of_work
 from aigen.errors import AppError
 
@@ -78,6 +81,12 @@ class Intake:
             async with unit_of_work(self._deps.sessionmaker) as session:
                 outcomes = await job_service.create_many(session, [s for s, _ in batch])
         except Exception as error:
+            if unreachable(error):
+                # The jobs queued behind this batch would wait out the same timeouts one
+                # batch after another; they get the same 503 now, as their own
+                # transactions would have given them.
+                batch = [*batch, *self._waiting]
+                self._waiting.clear()
             for _, future in batch:
                 if not future.done():
                     future.set_exception(error)
