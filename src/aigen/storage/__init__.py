@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from aigen.config import Settings
@@ -25,7 +26,9 @@ from .base import (
     check_key,
 )
 from .filesystem import FilesystemStore, sign_asset_url, verify_signed_url
-from .s3 import AddressingStyle, S3Store
+
+if TYPE_CHECKING:
+    from .s3 import AddressingStyle, S3Store
 
 __all__ = [
     "AssetStore",
@@ -40,6 +43,17 @@ __all__ = [
     "sign_asset_url",
     "verify_signed_url",
 ]
+
+
+
+def __getattr__(name: str) -> Any:
+    # The S3 adapter (aioboto3, a third of a second to import) loads only when used.
+    if name == "S3Store":
+        from .s3 import S3Store
+
+        return S3Store
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _S3_OPTIONS = frozenset({"endpoint_url", "public_endpoint_url", "region", "addressing_style"})
 _ADDRESSING_STYLES: dict[str, AddressingStyle] = {
@@ -88,6 +102,8 @@ def _s3_store(url: str) -> S3Store:
     unknown = options.keys() - _S3_OPTIONS
     if unknown:
         raise ValueError(f"unknown s3:// storage URL options: {', '.join(sorted(unknown))}")
+    from .s3 import S3Store
+
     raw_style = options.get("addressing_style") or None
     style = _ADDRESSING_STYLES.get(raw_style) if raw_style else None
     if raw_style and style is None:

@@ -32,7 +32,9 @@ async def render(
     assets = []
     if with_assets or with_queue_position:
         assert session is not None, "reading assets or the queue position needs a session"
-    for asset in await service.assets_of(session, job.id) if session and with_assets else []:
+    for asset in (
+        await service.assets_of(session, job.id) if session is not None and with_assets else []
+    ):
         url, expires_at = await store.url(asset.key, expires_in=url_ttl)
         assets.append(
             AssetOut(
@@ -44,7 +46,9 @@ async def render(
             )
         )
     position = (
-        await service.queue_position(session, job) if session and with_queue_position else None
+        await service.queue_position(session, job)
+        if session is not None and with_queue_position
+        else None
     )
     return JobOut(
         id=job.id,
