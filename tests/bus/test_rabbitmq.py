@@ -8,7 +8,6 @@ and 800 ms and a backoff base of 50 ms.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import subprocess
@@ -44,6 +43,7 @@ from aigen.bus.rabbitmq import (
 from aigen.bus.topology import BACKEND, EXCHANGE, NOTIFICATIONS, WORKFLOW, dead_letter_queue
 from aigen.config import Settings
 from aigen.db.session import create_engine, create_sessionmaker
+from tests.fixtures.proxy import TcpProxy
 
 RABBITMQ_URL = os.environ.get("AIGEN_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 BUCKETS = (0.05, 0.2, 0.8)
@@ -103,64 +103,6 @@ class Consumer:
     async def stop(self, timeout: float = 10.0) -> None:
         self.stop_event.set()
         await asyncio.wait_for(self.task, timeout)
-
-
-class TcpProxy:
-    """A loopback TCP proxy to RabbitMQ whose links a test can cut, like a network failure."""
-
-    def __init__(self, target: URL) -> None:
-        self._target = (target.host or "127.0.0.1", target.port or 5672)
-        self._links: set[asyncio.StreamWriter] = set()
-        self._pumps: set[asyncio.Task[None]] = set()
-        self.refusing = False
-        self.port = 0
-        self._server: asyncio.Server | None = None
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    def url(self, base: str) -> str:
-        return str(URL(base).with_port(self.port))
-
-    def cut(self, *, refuse: bool) -> None:
-        """Abort every open link (no FIN, no AMQP close); `refuse` keeps new ones out."""
-        self.refusing = refuse
-        for writer in list(self._links):
-            writer.transport.abort()
-        self._links.clear()
-
-    async def aclose(self) -> None:
-        self.cut(refuse=True)
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-        for pump in list(self._pumps):
-            pump.cancel()
-        await asyncio.gather(*self._pumps, return_exceptions=True)
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.refusing:
-            writer.transport.abort()
-            return
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self._target)
-        except OSError:
-            writer.transport.abort()
-            return
-        self._links |= {writer, up_writer}
-        for source, sink in ((reader, up_writer), (up_reader, writer)):
-            pump = asyncio.create_task(self._pump(source, sink))
-            self._pumps.add(pump)
-            pump.add_done_callback(self._pumps.discard)
-
-    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError, asyncio.CancelledError):
-            while data := await source.read(65536):
-                sink.write(data)
-                await sink.drain()
-        sink.transport.abort()
-        self._links.discard(sink)
 
 
 def make_broker(namespace: str, url: str = RABBITMQ_URL, **options: Any) -> RabbitMQBroker:
@@ -610,9 +552,10 @@ class TestReconnect:
     async def test_network_drop_mid_handler(
         self, namespace: str, broker: RabbitMQBroker, channel: AbstractChannel
     ) -> None:
-        proxy = TcpProxy(URL(RABBITMQ_URL))
+        rabbitmq = URL(RABBITMQ_URL)
+        proxy = TcpProxy(rabbitmq.host or "127.0.0.1", rabbitmq.port or 5672)
         await proxy.start()
-        flaky = make_broker(namespace, proxy.url(RABBITMQ_URL))
+        flaky = make_broker(namespace, str(rabbitmq.with_port(proxy.port)))
         release = asyncio.Event()
 
         async def hold_first(envelope: Envelope, call: int) -> None:
@@ -625,14 +568,14 @@ class TestReconnect:
             await broker.publish([requested("held")])
             await handler.wait_for(1)
             # The link dies while the handler holds the message, and stays down a while.
-            proxy.cut(refuse=True)
+            proxy.set("refuse")
             with pytest.raises(BrokerUnavailableError):
                 await flaky.publish([requested("lost")])
             with pytest.raises(BrokerUnavailableError):
                 await flaky.ping()
             release.set()
             await asyncio.sleep(0.5)
-            proxy.refusing = False
+            proxy.set("forward")
             # Not acked before the handler finished, so the server hands it out again;
             # the reconnected consumer gets it, then new messages.
             await handler.wait_for(2)

@@ -23,10 +23,10 @@ from aigen.backend.billing import service as billing
 from aigen.bus.messages import Envelope
 from aigen.models import CreditEntry, Job, OutboxMessage
 from tests.fixtures.platform import Customer
+from tests.fixtures.proxy import TcpProxy
 from tests.fixtures.stack import Stack
 
 from .deployment import MARKS, POOL_SIZE, Production, open_production
-from .proxy import TcpProxy
 
 pytestmark = MARKS
 

@@ -27,7 +27,6 @@ from starlette.responses import Response
 
 from aigen.backend.idempotency.service import Claim, StoredResponse
 from aigen.backend.job import service as job_service
-from aigen.backend.job import views
 from aigen.backend.job.schemas import JobCreate
 from aigen.backend.principal import Principal
 from aigen.bootstrap import Deps
@@ -38,6 +37,7 @@ from aigen.serving.catalog import Catalog, UnknownModelError
 from aigen.serving.inputs import InvalidInputError, validate_input
 
 from . import admission, idempotency, waiting
+from .rendering import render_job
 from .state import get_state
 
 log = structlog.get_logger(__name__)
@@ -150,15 +150,7 @@ async def _create(
     # The answer is rendered before the transaction (a new job has no assets and no
     # queue position to read), so that it can be stored for the idempotency key in it.
     job = job_service.new_row(principal, new)
-    out = await views.render(
-        None,
-        job,
-        store=deps.store,
-        base_url=str(request.base_url),
-        url_ttl=deps.settings.asset_url_ttl_seconds,
-        with_queue_position=False,
-        with_assets=False,
-    )
+    out = await render_job(request, None, job, with_queue_position=False, with_assets=False)
     payload = out.model_dump_json()
     headers = {"Location": out.urls.self, "Retry-After": "1"}
     answer = StoredResponse(202, payload, headers) if owned is not None else None
@@ -206,12 +198,10 @@ async def _wait(
         return Response(payload, status_code=202, media_type=JSON, headers={**headers, **applied})
     async with deps.sessionmaker() as session:
         job = await job_service.get(session, job_id)
-        out = await views.render(
+        out = await render_job(
+            request,
             session,
             job,
-            store=deps.store,
-            base_url=str(request.base_url),
-            url_ttl=deps.settings.asset_url_ttl_seconds,
             with_queue_position=False,
         )
     final = out.model_dump_json()

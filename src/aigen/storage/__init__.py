@@ -45,7 +45,6 @@ __all__ = [
 ]
 
 
-
 def __getattr__(name: str) -> Any:
     # The S3 adapter (aioboto3, a third of a second to import) loads only when used.
     if name == "S3Store":

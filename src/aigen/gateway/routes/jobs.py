@@ -24,6 +24,7 @@ from aigen.gateway import acceptance, idempotency, waiting
 from aigen.gateway.auth import JobsCreate, JobsRead, JobsWrite
 from aigen.gateway.deps import DepsDep, SessionDep
 from aigen.gateway.json_body import require_json
+from aigen.gateway.rendering import render_job
 from aigen.models.job import TERMINAL
 
 router = APIRouter(prefix="/v1/generate", tags=["jobs"])
@@ -95,7 +96,6 @@ async def create(
 async def list_jobs(
     principal: JobsRead,
     session: SessionDep,
-    deps: DepsDep,
     request: Request,
     status: Annotated[str | None, Query(description="only jobs in this status")] = None,
     cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page")] = None,
@@ -106,17 +106,7 @@ async def list_jobs(
         session, principal.account_id, status=status, before=cursor, limit=limit + 1
     )
     page = jobs[:limit]
-    data = [
-        await views.render(
-            session,
-            job,
-            store=deps.store,
-            base_url=str(request.base_url),
-            url_ttl=deps.settings.asset_url_ttl_seconds,
-            with_queue_position=False,
-        )
-        for job in page
-    ]
+    data = [await render_job(request, session, job, with_queue_position=False) for job in page]
     more = len(jobs) > limit
     return JobList(data=data, has_more=more, next_cursor=page[-1].id if more else None)
 
@@ -150,7 +140,6 @@ async def get(
     job_id: JobID,
     principal: JobsRead,
     session: SessionDep,
-    deps: DepsDep,
     request: Request,
     response: Response,
 ) -> JobOut:
@@ -158,13 +147,7 @@ async def get(
     job = await job_service.get(session, job_id, account_id=principal.account_id)
     if job.status not in TERMINAL:
         response.headers["Retry-After"] = _retry_after(job.status)
-    return await views.render(
-        session,
-        job,
-        store=deps.store,
-        base_url=str(request.base_url),
-        url_ttl=deps.settings.asset_url_ttl_seconds,
-    )
+    return await render_job(request, session, job)
 
 
 @router.post(
@@ -185,10 +168,4 @@ async def cancel(
     # After the commit (the session closes before the answer is sent), the key's credit
     # quotas get the hold back too; the backend would, later, and only one of them counts.
     background.add_task(deps.limiter.refund, job.api_key_id, job.id, credits=job.credits_reserved)
-    return await views.render(
-        session,
-        job,
-        store=deps.store,
-        base_url=str(request.base_url),
-        url_ttl=deps.settings.asset_url_ttl_seconds,
-    )
+    return await render_job(request, session, job)
