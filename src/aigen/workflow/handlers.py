@@ -189,7 +189,9 @@ class Workflow:
         return report
 
     async def _store_outputs(self, job: Job, result: ProviderResult) -> list[AssetRef]:
-        await self._ensure_running(job)
+        # No status check first: a cancel during the run already stopped it
+        # (`_watch_cancel`), and one that lands now is caught by the check that guards the
+        # announcement; its objects, under the job's own keys, are then never shown.
         refs = []
         for index, output in enumerate(result.outputs):
             key = asset_key(job.account_id, job.id, index, output.ext)
