@@ -111,9 +111,7 @@ async def run_notifier(deps: Deps, stop: asyncio.Event) -> None:
             # are taken in hand (`retry_soon`) instead of through the broker's delay queues.
             retry_soon(
                 patient(
-                    notification_handlers.make_handler(
-                        deps.sessionmaker, on_enqueued=dispatcher.wake
-                    ),
+                    notification_handlers.make_handler(deps.sessionmaker, dispatcher=dispatcher),
                     delay=patience(deps),
                 )
             ),

@@ -2,7 +2,9 @@
 
 Per attempt: build the payload in a fresh, short session (`payload_builder`), serialise it
 compactly (under 20 KB), sign it with every secret in force, POST it through the SSRF
-guard, store the attempt, then settle the delivery:
+guard, store the attempt, then settle the delivery. A new delivery's first attempt is
+usually handed over by the handler of the same process instead (`reserve`, `hand`),
+leased and prepared in the transaction that created it:
 
 - 2xx: `delivered`. 410: `failed`, and an endpoint is disabled.
 - anything else (3xx included): the next attempt is scheduled by `schedule.next_delay`,
@@ -19,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -49,7 +51,7 @@ log = structlog.get_logger(__name__)
 
 
 @dataclass(slots=True)
-class _Message:
+class Prepared:
     """What one attempt sends, or (`unsendable`) why it cannot be sent."""
 
     endpoint_id: str | None
@@ -87,6 +89,10 @@ class Dispatcher:
         self._rng = rng
         self._client: httpx.AsyncClient | None = None
         self._wakeup = asyncio.Event()
+        self._in_flight: set[asyncio.Task[None]] = set()
+        # Slots promised to deliveries being handed over (`reserve`, then `hand`).
+        self._reserved = 0
+        self._running = False
 
     def wake(self) -> None:
         """New deliveries are due (enqueued in this process): claim now, not at the poll."""
@@ -123,25 +129,29 @@ class Dispatcher:
         New deliveries are claimed as soon as a slot frees up; when nothing is due the
         loop sleeps `settings.poll_interval_seconds`.
         """
-        in_flight: set[asyncio.Task[None]] = set()
         stopping = asyncio.create_task(stop.wait())
         woken = asyncio.create_task(self._wakeup.wait())
+        in_flight = self._in_flight
+        self._running = True
         try:
             while not stop.is_set():
-                in_flight = {task for task in in_flight if not task.done()}
                 self._wakeup.clear()
+                limit = self._free()
                 try:
-                    claims = await self._claim(self._concurrency - len(in_flight))
+                    claims = await self._claim(limit)
                 except Exception:
                     log.exception("claiming webhook deliveries failed")
                     claims = []
-                in_flight.update(asyncio.create_task(self._process(c)) for c in claims)
-                full = len(in_flight) >= self._concurrency
+                for claim in claims:
+                    self._start(self._process(claim))
                 if woken.done():
                     woken = asyncio.create_task(self._wakeup.wait())
+                # While more may be due than there were slots, a slot that frees up claims
+                # again at once; otherwise a wake-up does, or the poll.
+                more_due = len(claims) >= limit
                 await asyncio.wait(
-                    {stopping, *in_flight} if full else {stopping, woken, *in_flight},
-                    timeout=None if full else self._settings.poll_interval_seconds,
+                    {stopping, woken, *in_flight} if more_due else {stopping, woken},
+                    timeout=self._settings.poll_interval_seconds,
                     return_when=asyncio.FIRST_COMPLETED,
                 )
         except asyncio.CancelledError:
@@ -149,28 +159,65 @@ class Dispatcher:
                 task.cancel()
             raise
         finally:
+            self._running = False
             stopping.cancel()
             woken.cancel()
             await asyncio.gather(stopping, woken, *in_flight, return_exceptions=True)
             await self.aclose()
 
+    def reserve(self, wanted: int) -> int:
+        """Take up to `wanted` free slots for deliveries to be handed over (`hand`); none
+        unless `run` is running (it waits for what it was handed before it returns)."""
+        granted = max(0, min(wanted, self._free())) if self._running else 0
+        self._reserved += granted
+        return granted
+
+    def unreserve(self, count: int) -> None:
+        """Give back slots that `reserve` took and no `hand` used."""
+        self._reserved -= count
+
+    def lease_until(self, now: datetime) -> datetime:
+        # The lease outlives the attempt's deadline by a margin, so it never runs out
+        # while the attempt is still in hand.
+        lease = self._settings.webhook_timeout_seconds + self._settings.lease_seconds
+        return now + timedelta(seconds=lease)
+
+    def hand(self, attempts: Sequence[tuple[repository.Claim, Prepared]], *, reserved: int) -> None:
+        """Make attempts that the caller leased and prepared in its own transaction (now
+        committed), in the slots it reserved: no claim, no second read of the rows."""
+        self._reserved -= reserved
+        for claim, message in attempts:
+            self._start(self._attempt(claim, message))
+
+    def _free(self) -> int:
+        return self._concurrency - len(self._in_flight) - self._reserved
+
+    def _start(self, attempt: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(attempt)
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+
     async def _claim(self, limit: int) -> list[repository.Claim]:
         if limit <= 0:
             return []
         now = utcnow()
-        # The lease outlives the attempt's deadline by a margin, so it never runs out
-        # while the attempt is still in hand.
-        lease = self._settings.webhook_timeout_seconds + self._settings.lease_seconds
         async with unit_of_work(self._sessionmaker) as session:
             return await repository.claim_due(
-                session, limit=limit, now=now, lease_until=now + timedelta(seconds=lease)
+                session, limit=limit, now=now, lease_until=self.lease_until(now)
             )
 
     async def _process(self, claim: repository.Claim) -> None:
         try:
             message = await self._prepare(claim)
-            if message is None:
-                return
+        except Exception:
+            # The lease runs out and a later claim tries again; the loop must go on.
+            log.exception("webhook attempt failed unexpectedly", delivery_id=claim.id)
+            return
+        if message is not None:
+            await self._attempt(claim, message)
+
+    async def _attempt(self, claim: repository.Claim, message: Prepared) -> None:
+        try:
             attempted_at = utcnow()
             if message.unsendable is not None:
                 await self._settle(claim, message, message.unsendable, attempted_at)
@@ -193,38 +240,42 @@ class Dispatcher:
             # The lease runs out and a later claim tries again; the loop must go on.
             log.exception("webhook attempt failed unexpectedly", delivery_id=claim.id)
 
-    async def _prepare(self, claim: repository.Claim) -> _Message | None:
+    async def _prepare(self, claim: repository.Claim) -> Prepared | None:
         async with self._sessionmaker() as session:
             delivery = await session.get(WebhookDelivery, claim.id)
             if delivery is None or (delivery.status, delivery.attempts) != (PENDING, claim.attempt):
                 return None
-            now = utcnow()
-            if delivery.endpoint_id is None:
-                account = await session.get(Account, delivery.account_id)
-                message = _Message(None, url=delivery.url)
-                if account is not None:
-                    message.secrets = [account.webhook_secret]
-            else:
-                endpoint = await session.get(WebhookEndpoint, delivery.endpoint_id)
-                message = _Message(delivery.endpoint_id)
-                if endpoint is None:
-                    return _unsendable(message, "the endpoint was deleted", final=True)
-                if endpoint.disabled_at is not None:
-                    reason = f"the endpoint is disabled: {endpoint.disabled_reason or 'no reason'}"
-                    return _unsendable(message, reason, final=True)
-                # Deliveries follow the endpoint's current URL, as edited since enqueueing.
-                message.url = endpoint.url
-                message.secrets = _endpoint_secrets(endpoint, now)
-            if not message.secrets:
-                return _unsendable(message, "the account has no webhook secret", final=True)
-            try:
-                payload = await self._payload_builder(session, delivery)
-                body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
-            except Exception:
-                # The attempt log is shown to the customer: the details go to our log only.
-                log.exception("building a webhook payload failed", delivery_id=claim.id)
-                reason = "building the payload failed (an internal error); it will be retried"
-                return _unsendable(message, reason, final=False)
+            return await self.prepare(session, delivery)
+
+    async def prepare(self, session: AsyncSession, delivery: WebhookDelivery) -> Prepared:
+        """What an attempt of `delivery` sends (or why it cannot), read in `session`."""
+        now = utcnow()
+        if delivery.endpoint_id is None:
+            account = await session.get(Account, delivery.account_id)
+            message = Prepared(None, url=delivery.url)
+            if account is not None:
+                message.secrets = [account.webhook_secret]
+        else:
+            endpoint = await session.get(WebhookEndpoint, delivery.endpoint_id)
+            message = Prepared(delivery.endpoint_id)
+            if endpoint is None:
+                return _unsendable(message, "the endpoint was deleted", final=True)
+            if endpoint.disabled_at is not None:
+                reason = f"the endpoint is disabled: {endpoint.disabled_reason or 'no reason'}"
+                return _unsendable(message, reason, final=True)
+            # Deliveries follow the endpoint's current URL, as edited since enqueueing.
+            message.url = endpoint.url
+            message.secrets = _endpoint_secrets(endpoint, now)
+        if not message.secrets:
+            return _unsendable(message, "the account has no webhook secret", final=True)
+        try:
+            payload = await self._payload_builder(session, delivery)
+            body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+        except Exception:
+            # The attempt log is shown to the customer: the details go to our log only.
+            log.exception("building a webhook payload failed", delivery_id=delivery.id)
+            reason = "building the payload failed (an internal error); it will be retried"
+            return _unsendable(message, reason, final=False)
         if len(body) >= MAX_PAYLOAD_BYTES:
             reason = f"the payload is {len(body)} bytes; the limit is {MAX_PAYLOAD_BYTES}"
             return _unsendable(message, reason, final=True)
@@ -234,7 +285,7 @@ class Dispatcher:
     async def _settle(
         self,
         claim: repository.Claim,
-        message: _Message,
+        message: Prepared,
         result: sender.AttemptResult,
         attempted_at: datetime,
     ) -> None:
@@ -276,7 +327,7 @@ class Dispatcher:
     def _outcome(
         self,
         claim: repository.Claim,
-        message: _Message,
+        message: Prepared,
         result: sender.AttemptResult,
         endpoint: WebhookEndpoint | None,
         now: datetime,
@@ -327,7 +378,7 @@ def _endpoint_secrets(endpoint: WebhookEndpoint, now: datetime) -> list[str]:
     return secrets
 
 
-def _unsendable(message: _Message, reason: str, *, final: bool) -> _Message:
+def _unsendable(message: Prepared, reason: str, *, final: bool) -> Prepared:
     message.unsendable = sender.AttemptResult(error=reason[: sender.MAX_ERROR_CHARS])
     message.final = final
     return message

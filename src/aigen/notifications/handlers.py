@@ -8,7 +8,7 @@ The payload is built from the job as the backend recorded it, so the notifier wa
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import structlog
@@ -25,7 +25,8 @@ from aigen.models import Job, WebhookDelivery
 from aigen.models.job import CANCELED, COMPLETED, EXPIRED, FAILED
 from aigen.storage.base import AssetStore
 
-from . import service
+from . import repository, service
+from .dispatcher import Dispatcher, Prepared
 
 CONSUMER = "notifications"
 EVENT_TYPES = {
@@ -41,26 +42,55 @@ def make_handler(
     sessionmaker: Sessionmaker,
     *,
     wait_seconds: float = 0.2,
-    on_enqueued: Callable[[], None] | None = None,
+    dispatcher: Dispatcher | None = None,
 ) -> Handler:
-    """Turns a job's terminal event into webhook deliveries; `on_enqueued` is told when
-    some were committed (the dispatcher in the same process then claims them at once)."""
+    """Turns a job's terminal event into webhook deliveries.
+
+    With the `dispatcher` of the same process, the deliveries it has room for are also
+    leased and prepared in this transaction and handed to it once committed: their first
+    attempt starts at once, without a claim and a second read. The rest wait for its
+    next claim, which the commit wakes. A crash in between loses nothing: the lease runs
+    out and a later claim makes the attempt.
+    """
 
     async def handle(envelope: Envelope) -> None:
-        async with unit_of_work(sessionmaker) as session:
-            job = await session.get(Job, envelope.job_id)
-            if job is not None and job.status not in EVENT_TYPES:
-                # The backend has not applied the result yet (it often races this very
-                # event): ask again shortly, before writing anything.
-                raise Retry(wait_seconds, "job not yet terminal")
-            if not await inbox.first_time(session, CONSUMER, envelope.id) or job is None:
-                return
-            created = await service.enqueue(session, job=job, event_type=EVENT_TYPES[job.status])
-        if created and on_enqueued is not None:
-            on_enqueued()
+        reserved = 0
+        handed: list[tuple[repository.Claim, Prepared]] = []
+        try:
+            async with unit_of_work(sessionmaker) as session:
+                job = await session.get(Job, envelope.job_id)
+                if job is not None and job.status not in EVENT_TYPES:
+                    # The backend has not applied the result yet (it often races this
+                    # very event): ask again shortly, before writing anything.
+                    raise Retry(wait_seconds, "job not yet terminal")
+                if not await inbox.first_time(session, CONSUMER, envelope.id) or job is None:
+                    return
+                event_type = EVENT_TYPES[job.status]
+                created = await service.enqueue(session, job=job, event_type=event_type)
+                if dispatcher is not None and created:
+                    reserved = dispatcher.reserve(len(created))
+                    handed = await _lease_and_prepare(session, dispatcher, created[:reserved])
+        except BaseException:
+            if dispatcher is not None:
+                dispatcher.unreserve(reserved)
+            raise
+        if dispatcher is not None and created:
+            dispatcher.hand(handed, reserved=reserved)
+            if len(handed) < len(created):
+                dispatcher.wake()  # the rest: at its next claim, now rather than at the poll
         log.info("notifier.enqueued", job_id=envelope.job_id, deliveries=len(created))
 
     return handle
+
+
+async def _lease_and_prepare(
+    session: AsyncSession, dispatcher: Dispatcher, deliveries: Sequence[WebhookDelivery]
+) -> list[tuple[repository.Claim, Prepared]]:
+    claims = await repository.lease(
+        session, [d.id for d in deliveries], lease_until=dispatcher.lease_until(utcnow())
+    )
+    by_id = {d.id: d for d in deliveries}
+    return [(claim, await dispatcher.prepare(session, by_id[claim.id])) for claim in claims]
 
 
 def make_payload_builder(store: AssetStore, settings: Settings) -> Any:

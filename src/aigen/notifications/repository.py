@@ -9,6 +9,7 @@ it was redelivered), the late outcome is logged as an attempt but changes nothin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -54,6 +55,27 @@ async def claim_due(
         .values(leased_until=lease_until, attempts=WebhookDelivery.attempts + 1)
     )
     return [Claim(id=row.id, attempt=row.attempts + 1) for row in rows]
+
+
+async def lease(
+    session: AsyncSession, delivery_ids: Sequence[str], *, lease_until: datetime
+) -> list[Claim]:
+    """Lease deliveries created in this very transaction, as `claim_due` would (one
+    `UPDATE … RETURNING`), for a dispatcher in the same process to attempt at once."""
+    if not delivery_ids:
+        return []
+    rows = await session.execute(
+        update(WebhookDelivery)
+        .where(
+            WebhookDelivery.id.in_(delivery_ids),
+            WebhookDelivery.status == PENDING,
+            WebhookDelivery.leased_until.is_(None),
+        )
+        .values(leased_until=lease_until, attempts=WebhookDelivery.attempts + 1)
+        .returning(WebhookDelivery.id, WebhookDelivery.attempts)
+        .execution_options(synchronize_session=False)
+    )
+    return [Claim(id=row.id, attempt=row.attempts) for row in rows.all()]
 
 
 async def settle(session: AsyncSession, claim: Claim, **values: Any) -> bool:

@@ -1,0 +1,102 @@
+"""The handler hands new deliveries to the dispatcher of its process: the first attempt
+starts at once, without a claim, and only in the slots the dispatcher has free."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from aigen.bus.messages import AIGenerationJobCompleted, Envelope
+from aigen.config import Settings
+from aigen.db.session import Sessionmaker, unit_of_work
+from aigen.notifications import handlers, repository
+from aigen.notifications.dispatcher import Dispatcher
+
+from .factories import create_account, create_job
+from .helpers import build_payload, eventually, load_attempts, load_deliveries, settled
+from .receiver import Answer, WebhookReceiverDouble
+
+
+async def completed_job(sessionmaker: Sessionmaker, url: str) -> Envelope:
+    async with unit_of_work(sessionmaker) as session:
+        account = await create_account(session)
+        job = await create_job(session, account, webhook_url=url)
+    return Envelope.wrap(
+        AIGenerationJobCompleted(
+            job_id=job.id, account_id=account.id, attempt=1, assets=[], usage={}
+        )
+    )
+
+
+@pytest.fixture
+def claims_made(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many deliveries each of the dispatcher's own claims took."""
+    made: list[int] = []
+    claim_due = repository.claim_due
+
+    async def counted(*args: Any, **kwargs: Any) -> list[repository.Claim]:
+        claims = await claim_due(*args, **kwargs)
+        made.append(len(claims))
+        return claims
+
+    monkeypatch.setattr(repository, "claim_due", counted)
+    return made
+
+
+async def test_a_new_delivery_is_attempted_without_a_claim(
+    sessionmaker: Sessionmaker,
+    settings: Settings,
+    receiver: WebhookReceiverDouble,
+    claims_made: list[int],
+) -> None:
+    # The poll is an hour: only the hand-over can get the webhook out in time.
+    slow = settings.model_copy(update={"poll_interval_seconds": 3600.0})
+    dispatcher = Dispatcher(sessionmaker, slow, payload_builder=build_payload)
+    handle = handlers.make_handler(sessionmaker, dispatcher=dispatcher)
+    stop = asyncio.Event()
+    running = asyncio.create_task(dispatcher.run(stop))
+    try:
+        await asyncio.sleep(0.2)
+        envelope = await completed_job(sessionmaker, receiver.url())
+        await handle(envelope)
+        await asyncio.wait_for(receiver.wait_for(1), 10)
+        await eventually(lambda: settled(sessionmaker))
+    finally:
+        stop.set()
+        await running
+
+    (delivery,) = await load_deliveries(sessionmaker)
+    assert (delivery.status, delivery.attempts) == ("delivered", 1)
+    assert [a.status_code for a in await load_attempts(sessionmaker, delivery.id)] == [200]
+    assert receiver.requests[0].webhook_id == delivery.id
+    assert sum(claims_made) == 0  # every claim the loop made found nothing to take
+
+
+async def test_a_full_dispatcher_leaves_the_delivery_to_its_next_claim(
+    sessionmaker: Sessionmaker,
+    settings: Settings,
+    receiver: WebhookReceiverDouble,
+    claims_made: list[int],
+) -> None:
+    receiver.script("/busy", Answer(200, delay=0.6))
+    dispatcher = Dispatcher(sessionmaker, settings, payload_builder=build_payload, concurrency=1)
+    handle = handlers.make_handler(sessionmaker, dispatcher=dispatcher)
+    stop = asyncio.Event()
+    running = asyncio.create_task(dispatcher.run(stop))
+    try:
+        await asyncio.sleep(0.2)
+        await handle(await completed_job(sessionmaker, receiver.url("/busy")))
+        await receiver.wait_for(1)  # the only slot is taken by this slow attempt
+        await handle(await completed_job(sessionmaker, receiver.url("/next")))
+        pending = [d for d in await load_deliveries(sessionmaker) if d.url.endswith("/next")]
+        assert [(d.attempts, d.leased_until) for d in pending] == [(0, None)]
+        await eventually(lambda: settled(sessionmaker))
+    finally:
+        stop.set()
+        await running
+
+    assert len(receiver.requests) == 2
+    assert sum(claims_made) == 1  # the second delivery, once the slot was free
+    assert receiver.max_in_flight == 1
