@@ -9,7 +9,8 @@ publish the event in time.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 
 from aigen.bus import outbox
 from aigen.bus.messages import AIGenerationJobCanceled, Envelope
@@ -28,23 +29,31 @@ class RecordingBroker:
         self.arrived.set()
 
 
-async def _published_after_commit(producer: Sessionmaker, relay_sessions: Sessionmaker) -> None:
-    broker = RecordingBroker()
-    relay = outbox.Relay(relay_sessions, broker, poll_interval=NEVER)  # type: ignore[arg-type]
+@asynccontextmanager
+async def sleeping_relay(
+    sessions: Sessionmaker, broker: RecordingBroker
+) -> AsyncIterator[outbox.Relay]:
+    """A running relay whose first poll found nothing: from then on it sleeps an hour."""
+    relay = outbox.Relay(sessions, broker, poll_interval=NEVER)  # type: ignore[arg-type]
     stop = asyncio.Event()
     running = asyncio.create_task(relay.run(stop))
     try:
-        # The first poll finds nothing; from then on the relay sleeps for an hour.
         await asyncio.sleep(0.5)
+        yield relay
+    finally:
+        stop.set()
+        await running
+
+
+async def _published_after_commit(producer: Sessionmaker, relay_sessions: Sessionmaker) -> None:
+    broker = RecordingBroker()
+    async with sleeping_relay(relay_sessions, broker):
         async with unit_of_work(producer) as session:
             envelope = outbox.add(
                 session, AIGenerationJobCanceled(job_id="job-1", account_id="acc-1")
             )
         await asyncio.wait_for(broker.arrived.wait(), 20)
         assert [e.id for e in broker.published] == [envelope.id]
-    finally:
-        stop.set()
-        await running
 
 
 async def test_a_commit_wakes_the_relay(sessionmaker: Sessionmaker, database_url: str) -> None:
@@ -62,11 +71,7 @@ async def test_a_commit_wakes_the_relay(sessionmaker: Sessionmaker, database_url
 
 async def test_a_rollback_publishes_nothing(sessionmaker: Sessionmaker) -> None:
     broker = RecordingBroker()
-    relay = outbox.Relay(sessionmaker, broker, poll_interval=NEVER)  # type: ignore[arg-type]
-    stop = asyncio.Event()
-    running = asyncio.create_task(relay.run(stop))
-    try:
-        await asyncio.sleep(0.5)
+    async with sleeping_relay(sessionmaker, broker) as relay:
         try:
             async with unit_of_work(sessionmaker) as session:
                 outbox.add(session, AIGenerationJobCanceled(job_id="job-1", account_id="acc-1"))
@@ -75,6 +80,3 @@ async def test_a_rollback_publishes_nothing(sessionmaker: Sessionmaker) -> None:
             pass
         assert await relay.run_once() == 0
         assert broker.published == []
-    finally:
-        stop.set()
-        await running
