@@ -20,6 +20,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+# What `lost_after_seconds` adds to the longest a job can run, for a loaded machine.
+LOST_MARGIN_SECONDS = 120.0
 DEFAULT_SECRETS = frozenset({"", "changeme", "change-me", "secret", "aigen"})
 
 
@@ -101,6 +103,22 @@ class Settings(BaseSettings):
     # How often a running job is checked for a cancel, and progress written at most.
     cancel_poll_seconds: float = 1.0
     progress_interval_seconds: float = 0.5
+    # A job processing without a sign of life for this long has lost its worker and its
+    # message (a crash the broker gave up redelivering): it fails, refunded. Unset: every
+    # try at its time limit, the longest pauses between tries, and a margin.
+    lost_after_seconds: float | None = Field(default=None, gt=0)
+
+    def resolved_lost_after(self) -> float:
+        if self.lost_after_seconds is not None:
+            return self.lost_after_seconds
+        tries = max(1, self.provider_max_tries)
+        # A pause is an exponential backoff or an upstream's Retry-After (at most 60 s),
+        # with up to 20 % jitter (`workflow.handlers.retry_delay`).
+        pauses = sum(
+            max(self.provider_retry_base_seconds * 2.0 ** (n - 1), 60.0) * 1.2
+            for n in range(1, tries)
+        )
+        return self.provider_timeout_seconds * tries + pauses + LOST_MARGIN_SECONDS
 
     # Assets
     asset_url_ttl_seconds: int = 3600

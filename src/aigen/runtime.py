@@ -92,7 +92,12 @@ async def run_backend(deps: Deps, stop: asyncio.Event) -> None:
             )
         )
         group.create_task(
-            sweeper.run(deps.sessionmaker, stop, interval=deps.settings.sweep_interval_seconds)
+            sweeper.run(
+                deps.sessionmaker,
+                stop,
+                interval=deps.settings.sweep_interval_seconds,
+                lost_after=deps.settings.resolved_lost_after(),
+            )
         )
 
 

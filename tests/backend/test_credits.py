@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import select
@@ -17,7 +18,7 @@ from aigen.backend.principal import Principal
 from aigen.bus.messages import AIGenerationJobCompleted
 from aigen.config import Settings
 from aigen.db.session import Sessionmaker, unit_of_work
-from aigen.models import CreditEntry, Job
+from aigen.models import CreditEntry, Job, OutboxMessage
 from tests.fixtures.platform import Api, Platform, start_platform
 
 GOOD = {"model": "scripted-text", "input": {"prompt": "hello", "max_tokens": 5}}
@@ -142,6 +143,53 @@ class TestDeadline:
             statuses = {job.id: job.status for job in (await session.scalars(select(Job))).all()}
         assert statuses == {overdue["id"]: "expired", later["id"]: "pending", none["id"]: "pending"}
         assert await ledger(api.deps.sessionmaker, overdue["id"]) == {"hold": -6, "release": 6}
+
+
+class TestLostJobs:
+    async def test_a_processing_job_without_life_fails_refunded_and_announced(
+        self, api: Api
+    ) -> None:
+        customer = await api.customer(credits=50)
+        async with api.client(customer) as client:
+            lost = (await client.post("/v1/generate", json=GOOD)).json()["id"]
+            alive = (await client.post("/v1/generate", json=GOOD)).json()["id"]
+        sessionmaker = api.deps.sessionmaker
+        async with unit_of_work(sessionmaker) as session:
+            for job_id in (lost, alive):
+                assert await job_service.claim(session, job_id) is not None
+            # The worker holding `lost` died an hour ago and its message is gone.
+            job = await session.get(Job, lost)
+            assert job is not None
+            job.updated_at = job.updated_at - timedelta(hours=1)
+
+        assert await sweeper.fail_lost(sessionmaker, older_than=600) == 1
+        assert await sweeper.fail_lost(sessionmaker, older_than=600) == 0
+
+        async with sessionmaker() as session:
+            statuses = {
+                j.id: (j.status, j.credits_charged) for j in await session.scalars(select(Job))
+            }
+            events = [
+                json.loads(body)
+                for body in await session.scalars(
+                    select(OutboxMessage.body).where(OutboxMessage.type == "AIGenerationJobFailed")
+                )
+            ]
+            assert await billing.balance(session, customer.account_id) == 50 - 6
+            assert await billing.ledger_sum(session, customer.account_id) == 50 - 6
+        assert statuses == {lost: ("failed", 0), alive: ("processing", None)}
+        assert await ledger(sessionmaker, lost) == {"hold": -6, "release": 6}
+        [event] = events
+        assert event["data"]["job_id"] == lost
+        assert event["data"]["error"]["code"] == "worker_lost"
+
+    def test_a_job_is_lost_only_after_every_try_could_have_run(self) -> None:
+        settings = Settings(
+            provider_timeout_seconds=300, provider_max_tries=3, provider_retry_base_seconds=1
+        )
+        # Three tries at their limit, two pauses of up to 60 s (+20 % jitter), 2 min margin.
+        assert settings.resolved_lost_after() == 900 + 2 * 72 + 120
+        assert Settings(lost_after_seconds=30).resolved_lost_after() == 30
 
 
 class TestWebhookCarriesCredits:

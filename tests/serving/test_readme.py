@@ -52,4 +52,5 @@ def test_error_table_lists_the_codes() -> None:
         "unknown_model",
         "deadline_exceeded",
         "internal_error",
+        "worker_lost",
     }

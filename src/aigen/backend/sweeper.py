@@ -3,6 +3,11 @@
 - A pending job whose deadline passes while no worker claims it (all busy, or none
   running) is expired and refunded in full here; a worker's claim does the same for the
   jobs it reaches first. Both are compare-and-sets, so a job expires at most once.
+- A job processing with no sign of life (claim, progress) for longer than any run can
+  take (`Settings.resolved_lost_after`) lost both its worker and its message: a crash
+  that the broker stopped redelivering, or a message dead-lettered where no hook saw it.
+  It fails, refunded in full, and the failure is announced (webhook, events feed); a
+  result that still arrives later is stale and changes nothing.
 - Idempotency keys past their 24 h are deleted.
 """
 
@@ -10,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import timedelta
 
 import structlog
 from sqlalchemy import select
@@ -18,7 +24,7 @@ from aigen.aio import sleep_or_stop
 from aigen.clock import utcnow
 from aigen.db.session import Sessionmaker, unit_of_work
 from aigen.models import Job
-from aigen.models.job import PENDING
+from aigen.models.job import PENDING, PROCESSING
 
 from .idempotency import service as idempotency_service
 from .job import service as job_service
@@ -52,17 +58,52 @@ async def expire_overdue(sessionmaker: Sessionmaker, *, batch: int = BATCH) -> i
     return expired
 
 
+async def fail_lost(sessionmaker: Sessionmaker, *, older_than: float, batch: int = BATCH) -> int:
+    """Fail (and refund) processing jobs untouched for `older_than` seconds; how many."""
+    cutoff = utcnow() - timedelta(seconds=older_than)
+    async with sessionmaker() as session:
+        lost = (
+            await session.scalars(
+                select(Job.id)
+                .where(Job.status == PROCESSING, Job.updated_at < cutoff)
+                .order_by(Job.updated_at)
+                .limit(batch)
+            )
+        ).all()
+    failed = 0
+    for job_id in lost:
+        async with unit_of_work(sessionmaker) as session:
+            job = await session.get(Job, job_id)
+            # Checked again in this transaction: a worker may have just come back to it.
+            if job is None or job.status != PROCESSING or job.updated_at >= cutoff:
+                continue
+            if await job_service.fail_lost(session, job) is not None:
+                failed += 1
+                log.warning("sweeper.lost", job_id=job_id, attempt=job.attempt)
+    return failed
+
+
 async def purge_idempotency_keys(sessionmaker: Sessionmaker) -> int:
     async with unit_of_work(sessionmaker) as session:
         return await idempotency_service.purge_expired(session)
 
 
-async def run(sessionmaker: Sessionmaker, stop: asyncio.Event, *, interval: float) -> None:
+async def run(
+    sessionmaker: Sessionmaker,
+    stop: asyncio.Event,
+    *,
+    interval: float,
+    lost_after: float,
+) -> None:
     """Sweep every `interval` seconds until `stop`; an error is logged and retried."""
     purged_at = 0.0
     while not stop.is_set():
         try:
             while await expire_overdue(sessionmaker) == BATCH and not stop.is_set():
+                pass
+            while (
+                await fail_lost(sessionmaker, older_than=lost_after) == BATCH and not stop.is_set()
+            ):
                 pass
             if time.monotonic() - purged_at >= PURGE_EVERY_SECONDS:
                 await purge_idempotency_keys(sessionmaker)

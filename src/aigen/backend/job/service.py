@@ -396,6 +396,25 @@ async def expire(session: AsyncSession, job: Job) -> Job | None:
     return expired
 
 
+async def fail_lost(session: AsyncSession, job: Job) -> Job | None:
+    """`processing → failed`, refunded, for a job whose worker and message are gone; the
+    failure is announced like any other (webhook, events). None if it moved on since."""
+    lost = AIGenerationJobFailed(
+        job_id=job.id,
+        account_id=job.account_id,
+        attempt=job.attempt,
+        error={
+            "code": "worker_lost",
+            "message": "the job stopped running and was not resumed; it was not charged",
+            "retryable": True,
+        },
+    )
+    failed = await apply_failed(session, lost, source=[PROCESSING])
+    if failed is not None:
+        outbox.add(session, lost)
+    return failed
+
+
 async def is_running(session: AsyncSession, job_id: str, attempt: int) -> bool:
     status = await session.scalar(
         select(Job.status).where(Job.id == job_id, Job.attempt == attempt)
@@ -450,12 +469,17 @@ async def apply_completed(
     return job
 
 
-async def apply_failed(session: AsyncSession, message: AIGenerationJobFailed) -> Job | None:
+async def apply_failed(
+    session: AsyncSession,
+    message: AIGenerationJobFailed,
+    *,
+    source: Sequence[str] = (PROCESSING, PENDING),
+) -> Job | None:
     """A failed job is never charged: the whole hold goes back."""
     job = await _transition(
         session,
         message.job_id,
-        source=[PROCESSING, PENDING],
+        source=source,
         target=FAILED,
         attempt=message.attempt,
         values={"error": dict(message.error), "progress": None, "credits_charged": 0},
