@@ -6,7 +6,8 @@
 3. With an `Idempotency-Key`, the key is claimed in a short transaction of its own; a
    key already answered replays that answer.
 4. The job transaction: concurrency count, credit hold (402 when short), job and outbox
-   rows, and the response stored for the idempotency key, all or nothing.
+   rows, and the response stored for the idempotency key, all or nothing. The jobs that
+   arrive together share one transaction (`intake`), each still judged on its own.
 5. After the commit, with `Prefer: wait=N`, the request waits for the job to end while
    holding no transaction.
 
@@ -121,7 +122,7 @@ async def accept(request: Request, principal: Principal, submission: Submission)
                 await deps.limiter.give_back(principal.key_id, job_id)
                 return idempotency.replay(claimed)
             owned = claimed
-        payload, headers = await _create(request, deps, principal, new, owned, submission)
+        payload, headers = await _create(request, principal, new, owned, submission)
     except BaseException as error:
         await _undo(deps, principal, job_id, owned, rolled_back=isinstance(error, AppError))
         raise
@@ -141,7 +142,6 @@ async def _stored(
 
 async def _create(
     request: Request,
-    deps: Deps,
     principal: Principal,
     new: job_service.NewJob,
     owned: Claim | None,
@@ -198,12 +198,7 @@ async def _wait(
         return Response(payload, status_code=202, media_type=JSON, headers={**headers, **applied})
     async with deps.sessionmaker() as session:
         job = await job_service.get(session, job_id)
-        out = await render_job(
-            request,
-            session,
-            job,
-            with_queue_position=False,
-        )
+        out = await render_job(request, session, job, with_queue_position=False)
     final = out.model_dump_json()
     final_headers = {"Content-Location": out.urls.self, **applied}
     if owned is not None:

@@ -3,9 +3,9 @@
 A job's money moves as `hold` (−worst case) when it is accepted (`lock_balances`, then
 `hold_many` for the jobs that fit), then either `release` (+hold) alone, or `release`
 (+hold) and `capture` (−actual, never above the hold) in the one transaction that
-applies its result. The unique (job, kind) index makes a second
-application fail instead of charging twice. Functions take the session first and never
-commit: the caller's transaction holds the ledger row together with the state change.
+applies its result. The unique (job, kind) index makes a second application fail
+instead of charging twice. Functions take the session first and never commit: the
+caller's transaction holds the ledger row together with the state change.
 """
 
 from __future__ import annotations
