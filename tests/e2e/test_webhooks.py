@@ -9,6 +9,10 @@ import pytest
 
 from aigen.client import verify_webhook
 from aigen.config import Settings
+from aigen.db.session import unit_of_work
+from aigen.ids import new_id
+from aigen.models import WebhookEndpoint
+from aigen.notifications.signing import new_secret
 from tests.conftest import make_settings
 from tests.fixtures.platform import Platform, start_platform
 from tests.notifications.api_helpers import settled_log
@@ -63,15 +67,31 @@ async def test_notifier_takes_https_only_from_the_settings(
     strict = settings.model_copy(update={"webhook_https_only": True})
     async for platform in start_platform(strict):
         customer = await platform.customer()
+        # An endpoint registered before https-only was turned on: its URL is plain http.
+        # (A job's own http URL is now refused when the job is posted.)
+        async with unit_of_work(platform.deps.sessionmaker) as session:
+            session.add(
+                WebhookEndpoint(
+                    id=new_id("ep"),
+                    account_id=customer.account_id,
+                    url=platform.receiver.url,
+                    secret=new_secret(),
+                )
+            )
         async with platform.client(customer) as client:
-            # Accepted as a job's URL; refused by the guard at every attempt.
-            answer = await client.post(
+            refused = await client.post(
                 "/v1/generate",
                 json={
                     "model": "scripted-text",
                     "input": {"prompt": "hi"},
                     "webhook_url": platform.receiver.url,
                 },
+            )
+            assert refused.status_code == 422, refused.text
+            assert refused.json()["code"] == "unsafe_webhook_url"
+            # Delivered to the endpoint: refused by the guard at every attempt.
+            answer = await client.post(
+                "/v1/generate", json={"model": "scripted-text", "input": {"prompt": "hi"}}
             )
             job_id = answer.json()["id"]
             (delivery,) = await settled_log(

@@ -202,3 +202,31 @@ class TestList:
             ).json()
             assert [j["id"] for j in second["data"]] == ids[::-1][3:]
             assert second["has_more"] is False
+
+
+class TestWebhookURL:
+    async def test_an_unsafe_address_is_refused_at_once_and_changes_nothing(
+        self, strict_api: Api
+    ) -> None:
+        customer = await strict_api.customer(credits=50)
+        async with strict_api.client(customer) as client:
+            for url, reason in (
+                ("http://169.254.169.254/latest/meta-data/", "link-local"),
+                ("http://10.0.0.1/hook", "private"),
+                ("http://127.0.0.1:8080/hook", "loopback"),
+            ):
+                answer = await client.post("/v1/generate", json={**GOOD, "webhook_url": url})
+                body = assert_problem(answer, 422, "unsafe_webhook_url")
+                assert reason in body["detail"], (url, body["detail"])
+            assert (await client.get("/v1/account")).json()["balance"] == 50
+        assert await job_count(strict_api) == 0
+
+    async def test_a_host_name_is_accepted_and_checked_at_each_attempt(
+        self, strict_api: Api
+    ) -> None:
+        customer = await strict_api.customer(credits=50)
+        async with strict_api.client(customer) as client:
+            body = {**GOOD, "webhook_url": "https://hooks.example.com/aigen"}
+            answer = await client.post("/v1/generate", json=body)
+        assert answer.status_code == 202, answer.text
+        assert answer.json()["webhook_url"] == "https://hooks.example.com/aigen"

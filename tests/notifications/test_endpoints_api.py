@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 from datetime import datetime, timedelta
 
-import pytest
-
 from aigen.clock import utcnow
 from aigen.gateway.app import create_app
 from aigen.notifications.endpoint_service import MAX_ENDPOINTS
@@ -93,14 +91,6 @@ REFUSED = [
     ("ftp://93.184.216.34/", "scheme"),
     ("http://user@/", "no host"),
 ]
-
-
-@pytest.fixture
-def strict_api(api: Api) -> Api:
-    """The same API and database with the SSRF allow-list off."""
-    strict = api.deps.settings.model_copy(update={"webhook_allow_networks": []})
-    deps = dataclasses.replace(api.deps, settings=strict)
-    return Api(deps, create_app(strict, deps=deps))
 
 
 class TestSSRF:

@@ -31,9 +31,12 @@ from aigen.backend.job import service as job_service
 from aigen.backend.job.schemas import JobCreate
 from aigen.backend.principal import Principal
 from aigen.bootstrap import Deps
+from aigen.config import Settings
 from aigen.errors import AppError, Unprocessable
 from aigen.ids import new_id
 from aigen.models import Job
+from aigen.notifications.endpoint_service import UnsafeWebhookURLError
+from aigen.notifications.ssrf import UnsafeURLError, check_without_resolving
 from aigen.serving.catalog import Catalog, UnknownModelError
 from aigen.serving.inputs import InvalidInputError, validate_input
 
@@ -64,8 +67,17 @@ class Submission:
     traceparent: str | None = None
 
 
-def prepare(body: JobCreate, catalog: Catalog, job_id: str) -> job_service.NewJob:
-    """The job to create, priced at its worst case; 422 when the model or input is wrong."""
+def prepare(
+    body: JobCreate, catalog: Catalog, job_id: str, settings: Settings
+) -> job_service.NewJob:
+    """The job to create, priced at its worst case; 422 when the model, the input or the
+    webhook URL is wrong (a URL's host name is checked again at each attempt)."""
+    webhook_url = str(body.webhook_url) if body.webhook_url else None
+    if webhook_url is not None:
+        try:
+            check_without_resolving(webhook_url, settings, https_only=settings.webhook_https_only)
+        except UnsafeURLError as error:
+            raise UnsafeWebhookURLError(str(error)) from None
     try:
         spec = catalog.get(body.model)
     except UnknownModelError:
@@ -85,7 +97,7 @@ def prepare(body: JobCreate, catalog: Catalog, job_id: str) -> job_service.NewJo
         task=spec.task,
         input=clean_input,
         hold=hold,
-        webhook_url=str(body.webhook_url) if body.webhook_url else None,
+        webhook_url=webhook_url,
         webhook_events=list(body.webhook_events) if body.webhook_events else None,
         metadata=body.metadata,
         deadline_s=body.deadline_s,
@@ -97,7 +109,7 @@ async def accept(request: Request, principal: Principal, submission: Submission)
     deps = get_state(request).deps
     job_id = new_id("job")
     try:
-        new = prepare(submission.body, deps.catalog, job_id)
+        new = prepare(submission.body, deps.catalog, job_id, deps.settings)
     except AppError:
         await admission.admit(request, principal)  # a refused request still counts
         raise

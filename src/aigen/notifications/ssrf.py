@@ -21,7 +21,7 @@ import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import httpx
 
@@ -109,14 +109,16 @@ class CheckedURL:
         return self.host.rstrip(".")
 
 
-async def validate_url(
-    url: str,
-    settings: Settings,
-    *,
-    https_only: bool = False,
-    resolver: Resolver | None = None,
-) -> CheckedURL:
-    """Check `url` and return it pinned to its checked address; raise `UnsafeURLError`."""
+@dataclass(frozen=True, slots=True)
+class _Split:
+    parts: SplitResult
+    scheme: str
+    host: str
+    port: int
+    literal: IPAddress | None
+
+
+def _split(url: str, *, https_only: bool) -> _Split:
     if _UNSAFE_CHARS.search(url):
         raise UnsafeURLError("the URL contains whitespace, control characters or backslashes")
     try:
@@ -133,23 +135,49 @@ async def validate_url(
     port = DEFAULT_PORTS[scheme] if port is None else port
     if port == 0:
         raise UnsafeURLError("port 0 cannot be called")
-
     host = _ascii_host(parts.hostname)
-    literal = _literal_ip(host)
-    addresses: Sequence[IPAddress] = (
-        [literal] if literal is not None else await (resolver or resolve)(host.rstrip("."), port)
-    )
-    if not addresses:
-        raise UnresolvableHostError(f"{host!r} did not resolve to any address")
+    return _Split(parts, scheme, host, port, _literal_ip(host))
+
+
+def _check_addresses(split: _Split, addresses: Sequence[IPAddress], settings: Settings) -> None:
     allow = allow_networks(settings.webhook_allow_networks)
     for address in addresses:
         reason = refusal(address, allow)
         if reason is not None:
-            verb = "resolves to" if literal is None else "is"
+            verb = "resolves to" if split.literal is None else "is"
             raise UnsafeURLError(
-                f"{parts.hostname!r} {verb} {address}, a {reason} address; webhooks may not "
-                "call it (AIGEN_WEBHOOK_ALLOW_NETWORKS lists networks to allow)"
+                f"{split.parts.hostname!r} {verb} {address}, a {reason} address; webhooks "
+                "may not call it (AIGEN_WEBHOOK_ALLOW_NETWORKS lists networks to allow)"
             )
+
+
+def check_without_resolving(url: str, settings: Settings, *, https_only: bool = False) -> None:
+    """Every check `validate_url` makes that needs no DNS: the form, the scheme, the port,
+    and an address written in the URL. For a first answer at once (a job's
+    `webhook_url`); a host name is still resolved and checked at each attempt."""
+    split = _split(url, https_only=https_only)
+    if split.literal is not None:
+        _check_addresses(split, [split.literal], settings)
+
+
+async def validate_url(
+    url: str,
+    settings: Settings,
+    *,
+    https_only: bool = False,
+    resolver: Resolver | None = None,
+) -> CheckedURL:
+    """Check `url` and return it pinned to its checked address; raise `UnsafeURLError`."""
+    split = _split(url, https_only=https_only)
+    parts, scheme, host, port = split.parts, split.scheme, split.host, split.port
+    addresses: Sequence[IPAddress] = (
+        [split.literal]
+        if split.literal is not None
+        else await (resolver or resolve)(host.rstrip("."), port)
+    )
+    if not addresses:
+        raise UnresolvableHostError(f"{host!r} did not resolve to any address")
+    _check_addresses(split, addresses, settings)
     # Connect over IPv4 to an IPv4-mapped address: the same host, without needing IPv6.
     ip = addresses[0]
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
