@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import structlog
 
-from aigen.bus import inbox, outbox
+from aigen.bus import inbox
 from aigen.bus.broker import DeadLetterHook, Handler
 from aigen.bus.messages import (
     REQUESTED,
@@ -88,17 +88,11 @@ def make_dead_letter_hook(sessionmaker: Sessionmaker) -> DeadLetterHook:
             job = await session.get(Job, job_id)
             if job is None:
                 return
-            failed = AIGenerationJobFailed(
-                job_id=job.id,
-                account_id=job.account_id,
-                attempt=job.attempt,
-                error={
-                    "code": "internal_error",
-                    "message": "the job could not be processed",
-                    "retryable": False,
-                },
-            )
-            if await job_service.apply_failed(session, failed) is not None:
-                outbox.add(session, failed)
+            failure = {
+                "code": "internal_error",
+                "message": "the job could not be processed",
+                "retryable": False,
+            }
+            await job_service.fail(session, job, failure)
 
     return on_dead_letter

@@ -396,23 +396,32 @@ async def expire(session: AsyncSession, job: Job) -> Job | None:
     return expired
 
 
-async def fail_lost(session: AsyncSession, job: Job) -> Job | None:
-    """`processing → failed`, refunded, for a job whose worker and message are gone; the
-    failure is announced like any other (webhook, events). None if it moved on since."""
-    lost = AIGenerationJobFailed(
-        job_id=job.id,
-        account_id=job.account_id,
-        attempt=job.attempt,
-        error={
-            "code": "worker_lost",
-            "message": "the job stopped running and was not resumed; it was not charged",
-            "retryable": True,
-        },
+async def fail(
+    session: AsyncSession,
+    job: Job,
+    error: dict[str, Any],
+    *,
+    source: Sequence[str] = (PROCESSING, PENDING),
+) -> Job | None:
+    """Fail a job that no worker will report on (refunded, `apply_failed`) and announce it
+    like any other failure (webhook, events). None if it moved on since."""
+    failed = AIGenerationJobFailed(
+        job_id=job.id, account_id=job.account_id, attempt=job.attempt, error=error
     )
-    failed = await apply_failed(session, lost, source=[PROCESSING])
-    if failed is not None:
-        outbox.add(session, lost)
-    return failed
+    applied = await apply_failed(session, failed, source=source)
+    if applied is not None:
+        outbox.add(session, failed)
+    return applied
+
+
+async def fail_lost(session: AsyncSession, job: Job) -> Job | None:
+    """`processing → failed` for a job whose worker and message are both gone."""
+    lost = {
+        "code": "worker_lost",
+        "message": "the job stopped running and was not resumed; it was not charged",
+        "retryable": True,
+    }
+    return await fail(session, job, lost, source=[PROCESSING])
 
 
 async def is_running(session: AsyncSession, job_id: str, attempt: int) -> bool:
