@@ -21,10 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aio_pika
-from redis.asyncio import Redis
-from sqlalchemy import text
-from sqlalchemy.engine import make_url
+from tests.fixtures import scratch
 
 from aigen.backend.account import service as account_service
 from aigen.backend.key import service as key_service
@@ -155,15 +152,9 @@ class Resources:
 
     async def postgres_database(self, suffix: str) -> str:
         name = f"aigen_bench_{self.tag}_{suffix}"
-        admin = create_engine(POSTGRES_URL)
-        try:
-            async with admin.connect() as conn:
-                await conn.execution_options(isolation_level="AUTOCOMMIT")
-                await conn.execute(text(f'CREATE DATABASE "{name}"'))
-        finally:
-            await admin.dispose()
+        url = await scratch.create_database(POSTGRES_URL, name)
         self.databases.append(name)
-        return make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+        return url
 
     # Environments ------------------------------------------------------------------
 
@@ -228,41 +219,13 @@ class Resources:
     async def aclose(self) -> None:
         await asyncio.gather(*(proc.stop() for proc in self.processes if proc.running))
         for name in self.databases:
-            admin = create_engine(POSTGRES_URL)
-            try:
-                async with admin.connect() as conn:
-                    await conn.execution_options(isolation_level="AUTOCOMMIT")
-                    await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            finally:
-                await admin.dispose()
-        await _delete_namespace(self.namespace)
-        await _delete_redis_prefix(self.redis_prefix)
+            await scratch.drop_database(POSTGRES_URL, name)
+        with contextlib.suppress(Exception):
+            names = RabbitMQBroker(RABBITMQ_URL, namespace=self.namespace)
+            await scratch.delete_topology(RABBITMQ_URL, names)
+        await scratch.delete_redis_prefix(REDIS_URL, self.redis_prefix)
         if not self.keep:
             shutil.rmtree(self.root, ignore_errors=True)
-
-
-async def _delete_namespace(namespace: str) -> None:
-    names = RabbitMQBroker(RABBITMQ_URL, namespace=namespace)
-    with contextlib.suppress(Exception):
-        connection = await aio_pika.connect(RABBITMQ_URL, timeout=10)
-        try:
-            async with connection.channel() as channel:
-                for queue in names.queue_names():
-                    await channel.queue_delete(queue)
-                for exchange in names.exchange_names():
-                    await channel.exchange_delete(exchange)
-        finally:
-            await connection.close()
-
-
-async def _delete_redis_prefix(prefix: str) -> None:
-    client = Redis.from_url(REDIS_URL)
-    try:
-        keys = [key async for key in client.scan_iter(match=prefix + "*", count=1000)]
-        for start in range(0, len(keys), 1000):
-            await client.delete(*keys[start : start + 1000])
-    finally:
-        await client.aclose()
 
 
 async def migrate(database_url: str) -> None:

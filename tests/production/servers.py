@@ -17,16 +17,13 @@ import shutil
 import socket
 import uuid
 
-import aio_pika
 import pytest
-from redis.asyncio import Redis
-from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from yarl import URL
 
 from aigen.bus.rabbitmq import RabbitMQBroker
-from aigen.db.session import create_engine
 from tests.conftest import POSTGRES_URL
+from tests.fixtures import scratch
 
 RABBITMQ_URL = os.environ.get("AIGEN_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REDIS_URL = os.environ.get("AIGEN_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -58,26 +55,13 @@ def unique(kind: str) -> str:
 
 async def create_database() -> str:
     """A fresh, empty PostgreSQL database; returns its URL."""
-    name = unique("db").replace("-", "_")
-    admin = create_engine(POSTGRES_URL)
-    try:
-        async with admin.connect() as conn:
-            await conn.execution_options(isolation_level="AUTOCOMMIT")
-            await conn.execute(text(f'CREATE DATABASE "{name}"'))
-    finally:
-        await admin.dispose()
-    return make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    return await scratch.create_database(POSTGRES_URL, unique("db").replace("-", "_"))
 
 
 async def drop_database(url: str) -> None:
     name = make_url(url).database
-    admin = create_engine(POSTGRES_URL)
-    try:
-        async with admin.connect() as conn:
-            await conn.execution_options(isolation_level="AUTOCOMMIT")
-            await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        await admin.dispose()
+    assert name is not None
+    await scratch.drop_database(POSTGRES_URL, name)
 
 
 def namespace_broker(namespace: str) -> RabbitMQBroker:
@@ -88,26 +72,11 @@ def namespace_broker(namespace: str) -> RabbitMQBroker:
 
 async def delete_namespace(namespace: str) -> None:
     """Delete every queue and exchange of `namespace` (messages and all)."""
-    names = namespace_broker(namespace)
-    connection = await aio_pika.connect(RABBITMQ_URL, timeout=10)
-    try:
-        async with connection.channel() as channel:
-            for queue in names.queue_names():
-                await channel.queue_delete(queue)
-            for exchange in names.exchange_names():
-                await channel.exchange_delete(exchange)
-    finally:
-        await connection.close()
+    await scratch.delete_topology(RABBITMQ_URL, namespace_broker(namespace))
 
 
 async def delete_redis_prefix(prefix: str) -> None:
-    client = Redis.from_url(REDIS_URL)
-    try:
-        keys = [key async for key in client.scan_iter(match=prefix + "*", count=1000)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
+    await scratch.delete_redis_prefix(REDIS_URL, prefix)
 
 
 async def rabbitmqctl(*args: str) -> None:
