@@ -14,10 +14,9 @@ from aigen.backend.job import service as job_service
 from aigen.backend.key import service as key_service
 from aigen.bootstrap import create_revocations
 from aigen.clock import utcnow
-from aigen.errors import AppError
 from aigen.models import ApiKey, Job
 
-from .common import admin_session, emit, fail, load_settings, run
+from .common import admin_session, emit, fail, load_settings, run, run_or_fail
 
 accounts = typer.Typer(help="Accounts: the customers that own keys, credits and jobs.")
 keys = typer.Typer(help="API keys: shown once, stored hashed.")
@@ -132,11 +131,7 @@ def accounts_show(account_id: str, as_json: JsonFlag = False) -> None:
                 "keys": keys_out,
             }
 
-    try:
-        data = run(action())
-    except AppError as error:
-        fail(error.message)
-        return
+    data = run_or_fail(action())
     if as_json:
         emit(data, as_json=True)
         return
@@ -179,7 +174,6 @@ def usage_report(
         period_start, period_end = usage.period(start, end, now=utcnow())
     except ValueError as error:
         fail(str(error))
-        return
 
     async def action() -> dict[str, Any]:
         async with admin_session(load_settings()) as session:
@@ -190,11 +184,7 @@ def usage_report(
             )
         return report.model_dump(mode="json", by_alias=True)
 
-    try:
-        data = run(action())
-    except AppError as error:
-        fail(error.message)
-        return
+    data = run_or_fail(action())
     if as_json:
         emit(data, as_json=True)
         return
@@ -253,10 +243,7 @@ def keys_create(
             )
             return {"id": row.id, "key": plaintext, "prefix": row.prefix, "scopes": row.scope_list}
 
-    try:
-        emit(run(action()), as_json=as_json)
-    except AppError as error:
-        fail(error.message)
+    emit(run_or_fail(action()), as_json=as_json)
 
 
 @keys.command("revoke")
@@ -275,10 +262,7 @@ def keys_revoke(key_id: str, as_json: JsonFlag = False) -> None:
             await revocations.aclose()
         return row
 
-    try:
-        emit(run(action()), as_json=as_json)
-    except AppError as error:
-        fail(error.message)
+    emit(run_or_fail(action()), as_json=as_json)
 
 
 @keys.command("list")
@@ -326,10 +310,7 @@ def credits_grant(
                 "balance": await billing.balance(session, account_id),
             }
 
-    try:
-        emit(run(action()), as_json=as_json)
-    except AppError as error:
-        fail(error.message)
+    emit(run_or_fail(action()), as_json=as_json)
 
 
 @jobs.command("list")
@@ -357,7 +338,4 @@ def jobs_show(job_id: str, as_json: JsonFlag = False) -> None:
         async with admin_session(load_settings()) as session:
             return _job_row(await job_service.get(session, job_id))
 
-    try:
-        emit(run(action()), as_json=as_json)
-    except AppError as error:
-        fail(error.message)
+    emit(run_or_fail(action()), as_json=as_json)

@@ -6,7 +6,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import typer
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from aigen.config import Settings
 from aigen.db.migrate import upgrade
 from aigen.db.session import create_engine, create_sessionmaker
+from aigen.errors import AppError
 
 T = TypeVar("T")
 
@@ -58,9 +59,17 @@ def emit(data: Any, *, as_json: bool, columns: Sequence[str] | None = None) -> N
         typer.echo("  ".join(value.ljust(w) for value, w in zip(cell, widths, strict=True)))
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(1)
+
+
+def run_or_fail(coro: Awaitable[T]) -> T:
+    """`run`, with a refusal (an `AppError`) reported as `error: …` and exit status 1."""
+    try:
+        return run(coro)
+    except AppError as error:
+        fail(error.message)
 
 
 Action = Callable[[AsyncSession], Awaitable[T]]
