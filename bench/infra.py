@@ -13,7 +13,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.fixtures import scratch
+from tests.fixtures.scratch import free_port
 
 from aigen.backend.account import service as account_service
 from aigen.backend.key import service as key_service
@@ -56,13 +56,6 @@ latency_ms = 200
 """
 
 HUGE = 10**9  # rpm, concurrency: the limits are checked but never bind
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass

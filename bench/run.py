@@ -33,11 +33,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sqlalchemy import func, select
+from tests.fixtures.scratch import free_port
 
 from aigen.db.session import Sessionmaker, create_engine, create_sessionmaker
 from aigen.models import OutboxMessage
 
-from .infra import Proc, Resources, customer, free_port, migrate, wait_http
+from .infra import Proc, Resources, customer, migrate, wait_http
 from .load import (
     EndToEnd,
     burst,

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.fixtures.platform import free_port
+from tests.fixtures.scratch import free_port
 
 MODELS = """
 [[models]]

@@ -6,7 +6,7 @@ import pytest
 from redis.asyncio import Redis
 
 from aigen.limits.redis import LimiterUnavailableError, RedisLimiter
-from tests.fixtures.platform import free_port
+from tests.fixtures.scratch import free_port
 
 
 @pytest.mark.redis

@@ -22,6 +22,7 @@ from aigen.backend.key import service as key_service
 from aigen.db.migrate import upgrade
 from aigen.db.session import Sessionmaker, create_engine, create_sessionmaker, unit_of_work
 from tests.fixtures.platform import Customer
+from tests.fixtures.processes import MODELS as SCRIPTED_TEXT
 
 from .servers import (
     RABBITMQ_URL,
@@ -49,16 +50,9 @@ SECRET = "production-test-secret-" + "p" * 40
 POOL_SIZE = 4
 
 # scripted-text holds 6 credits with max_tokens 5 (1 + 5 output tokens) and charges 5.
-MODELS = """
-[[models]]
-name = "scripted-text"
-provider = "scripted"
-task = "text"
-price_per_request = 1
-price_per_1k_output_tokens = 1000
-[models.options]
-output = "four score and seven"
-
+MODELS = (
+    SCRIPTED_TEXT
+    + """
 [[models]]
 name = "scripted-slow"
 provider = "scripted"
@@ -95,6 +89,7 @@ price_per_request = 1
 output = "paced answer"
 latency_ms = 150
 """
+)
 
 
 @dataclass

