@@ -28,22 +28,22 @@ def principal(customer: Customer, *, concurrency: int = 100) -> Principal:
     )
 
 
-def submission(who: Principal, hold: int) -> job_service.Submission:
+def candidate(who: Principal, hold: int) -> job_service.Candidate:
     new = job_service.NewJob(model="scripted-text", task="text", input={"prompt": "x"}, hold=hold)
-    return job_service.Submission(who, job_service.new_row(who, new))
+    return job_service.Candidate(who, job_service.new_row(who, new))
 
 
 async def test_each_job_in_a_batch_is_judged_on_its_own(api: Api) -> None:
     rich, poor = await api.customer(credits=100), await api.customer(credits=10)
     narrow = principal(await api.customer(credits=100), concurrency=1)
     batch = [
-        submission(principal(poor), 4),
-        submission(principal(rich), 50),
-        submission(principal(poor), 4),
-        submission(principal(poor), 4),  # 2 credits left: refused
-        submission(narrow, 1),
-        submission(narrow, 1),  # over the key's concurrency: refused
-        submission(principal(poor), 2),  # fits what is left
+        candidate(principal(poor), 4),
+        candidate(principal(rich), 50),
+        candidate(principal(poor), 4),
+        candidate(principal(poor), 4),  # 2 credits left: refused
+        candidate(narrow, 1),
+        candidate(narrow, 1),  # over the key's concurrency: refused
+        candidate(principal(poor), 2),  # fits what is left
     ]
     async with unit_of_work(api.deps.sessionmaker) as session:
         outcomes = await job_service.create_many(session, batch)
@@ -85,7 +85,7 @@ async def test_concurrent_accepts_share_transactions(api: Api) -> None:
     event.listen(sync_engine, "commit", count)
     try:
         intake = Intake(api.deps)
-        accepted = await asyncio.gather(*(intake.create(submission(who, 3)) for _ in range(50)))
+        accepted = await asyncio.gather(*(intake.create(candidate(who, 3)) for _ in range(50)))
     finally:
         event.remove(sync_engine, "commit", count)
 
@@ -103,16 +103,16 @@ async def test_an_unreachable_database_fails_the_batch_and_the_jobs_behind_it(
     tried: list[int] = []
     stuck = asyncio.Event()
 
-    async def unreachable(_: Any, submissions: list[Any]) -> list[Any]:
-        tried.append(len(submissions))
+    async def unreachable(_: Any, candidates: list[Any]) -> list[Any]:
+        tried.append(len(candidates))
         await stuck.wait()  # as a connect timeout would
         raise ConnectionResetError("the database went away")
 
     monkeypatch.setattr(job_service, "create_many", unreachable)
     intake = Intake(api.deps)
-    first = asyncio.ensure_future(intake.create(submission(who, 3)))
+    first = asyncio.ensure_future(intake.create(candidate(who, 3)))
     await asyncio.sleep(0.1)  # the first batch is in its transaction
-    behind = [asyncio.ensure_future(intake.create(submission(who, 3))) for _ in range(5)]
+    behind = [asyncio.ensure_future(intake.create(candidate(who, 3))) for _ in range(5)]
     await asyncio.sleep(0.1)
     stuck.set()
     results = await asyncio.gather(first, *behind, return_exceptions=True)

@@ -168,7 +168,7 @@ async def _create(
     answer = StoredResponse(202, payload, headers) if owned is not None else None
     try:
         accepted = await get_state(request).intake.create(
-            job_service.Submission(principal, job, submission.traceparent, owned, answer)
+            job_service.Candidate(principal, job, submission.traceparent, owned, answer)
         )
     except job_service.ConcurrencyLimitError:
         admission.add_concurrency(request, principal, active=principal.concurrency)

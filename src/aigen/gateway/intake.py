@@ -40,13 +40,13 @@ class Intake:
     def __init__(self, deps: Deps, *, max_batch: int = MAX_BATCH) -> None:
         self._deps = deps
         self._max_batch = max_batch
-        self._waiting: list[tuple[job_service.Submission, asyncio.Future[Outcome]]] = []
+        self._waiting: list[tuple[job_service.Candidate, asyncio.Future[Outcome]]] = []
         self._running: asyncio.Task[None] | None = None
 
-    async def create(self, submission: job_service.Submission) -> job_service.Accepted:
+    async def create(self, candidate: job_service.Candidate) -> job_service.Accepted:
         """Accept one job; returns once it is committed, or raises its refusal."""
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self._waiting.append((submission, future))
+        self._waiting.append((candidate, future))
         self._start()
         try:
             outcome = await asyncio.shield(future)
@@ -75,11 +75,11 @@ class Intake:
             await self._commit(batch)
 
     async def _commit(
-        self, batch: Sequence[tuple[job_service.Submission, asyncio.Future[Outcome]]]
+        self, batch: Sequence[tuple[job_service.Candidate, asyncio.Future[Outcome]]]
     ) -> None:
         try:
             async with unit_of_work(self._deps.sessionmaker) as session:
-                outcomes = await job_service.create_many(session, [s for s, _ in batch])
+                outcomes = await job_service.create_many(session, [c for c, _ in batch])
         except Exception as error:
             if unreachable(error):
                 # The jobs queued behind this batch would wait out the same timeouts one

@@ -82,7 +82,7 @@ class Accepted:
 
 
 @dataclass(frozen=True, slots=True)
-class Submission:
+class Candidate:
     """One job to accept, as `create_many` takes it: the row (`new_row`) and who asks."""
 
     principal: Principal
@@ -125,18 +125,18 @@ async def create(
 ) -> Accepted:
     """Accept one job in the caller's transaction, or raise 402 / 429 (`create_many`)."""
     job = new_row(principal, new)
-    [outcome] = await create_many(session, [Submission(principal, job, traceparent)])
+    [outcome] = await create_many(session, [Candidate(principal, job, traceparent)])
     if isinstance(outcome, AppError):
         raise outcome
     return outcome
 
 
 async def create_many(
-    session: AsyncSession, submissions: Sequence[Submission]
+    session: AsyncSession, candidates: Sequence[Candidate]
 ) -> list[Accepted | AppError]:
     """Accept jobs (seed step 4): credit hold, concurrency check, job and outbox rows.
 
-    Each submission is judged on its own, in order, and gets its `Accepted` or the error
+    Each candidate is judged on its own, in order, and gets its `Accepted` or the error
     to answer (402 short of credits, which wins over 429 at the concurrency limit, or 409
     for an idempotency claim taken over); the others go on. All of it is one transaction
     of the caller's: the API accepts the jobs that arrive together in one commit, so the
@@ -146,8 +146,8 @@ async def create_many(
     after that see every job that the transactions before this one committed, so neither
     the balance nor a key's concurrency can be overshot by racing API processes.
     """
-    balances = await billing.lock_balances(session, (s.principal.account_id for s in submissions))
-    key_ids = sorted({s.principal.key_id for s in submissions})
+    balances = await billing.lock_balances(session, (s.principal.account_id for s in candidates))
+    key_ids = sorted({s.principal.key_id for s in candidates})
     if is_postgres(session):
         # (SQLite already serialises writers: every transaction begins IMMEDIATE.)
         await session.execute(
@@ -161,9 +161,9 @@ async def create_many(
     active: dict[str, int] = {key_id: int(n) for key_id, n in counts.all()}
 
     outcomes: list[Accepted | AppError] = []
-    accepted: list[Submission] = []
-    for submission in submissions:
-        job, principal = submission.job, submission.principal
+    accepted: list[Candidate] = []
+    for candidate in candidates:
+        job, principal = candidate.job, candidate.principal
         balance = balances.get(job.account_id)
         if balance is None:
             outcomes.append(billing.AccountNotFoundError(f"no account {job.account_id}"))
@@ -175,12 +175,12 @@ async def create_many(
         if count > principal.concurrency:
             outcomes.append(_over_concurrency(principal))
             continue
-        if submission.claim is not None and submission.answer is not None:
-            answer = submission.answer
+        if candidate.claim is not None and candidate.answer is not None:
+            answer = candidate.answer
             try:
                 await idempotency.complete(
                     session,
-                    submission.claim,
+                    candidate.claim,
                     status=answer.status,
                     body=answer.body,
                     headers=answer.headers,
@@ -190,7 +190,7 @@ async def create_many(
                 continue
         balances[job.account_id] = balance - job.credits_reserved
         active[job.api_key_id] = count
-        accepted.append(submission)
+        accepted.append(candidate)
         outcomes.append(Accepted(job, count))
 
     if accepted:
