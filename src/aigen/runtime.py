@@ -146,6 +146,8 @@ async def run_parts(deps: Deps, names: Iterable[str], stop: asyncio.Event) -> No
                 log.exception("part.crashed", part=name)
                 await asyncio.sleep(1.0)
 
+    # Consumers allocate per message what a request does: the same reasons hold.
+    quiet_garbage_collector()
     await asyncio.gather(*(supervised(name) for name in names))
 
 

@@ -1,7 +1,8 @@
 """The backend's event consumer (seed steps 11–12): results become job state and money.
 
-Each handler runs in one transaction with the consumer's inbox row, so an event applied
-once is skipped when redelivered, and a crash before the commit applies nothing.
+Each event is applied in one transaction with the consumer's inbox row, so an event
+applied once is skipped when redelivered, and a crash before the commit applies nothing.
+The events that arrive together share that transaction (`aigen.db.group`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import structlog
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from aigen.bus import inbox
 from aigen.bus.broker import DeadLetterHook, Handler
@@ -20,6 +22,7 @@ from aigen.bus.messages import (
     AIGenerationJobRequested,
     Envelope,
 )
+from aigen.db.group import GroupCommit
 from aigen.db.session import Sessionmaker, unit_of_work
 from aigen.limits import Limiter
 from aigen.models import Job
@@ -39,32 +42,14 @@ def make_handler(
     sessionmaker: Sessionmaker, pricer: Pricer, *, limiter: Limiter | None = None
 ) -> Handler:
     """With `limiter`, a job that has ended gives the unspent part of its hold back to the
-    key's credit quotas, after the commit (the limiter makes that happen once per job)."""
+    key's credit quotas, after the commit (the limiter makes that happen once per job).
+
+    The results that arrive together are applied in one transaction (`GroupCommit`).
+    """
+    group: GroupCommit[tuple[str, Job | None]] = GroupCommit(sessionmaker)
 
     async def handle(envelope: Envelope) -> None:
-        message = envelope.message()
-        ended: Job | None = None
-        async with unit_of_work(sessionmaker) as session:
-            if not await inbox.first_time(session, CONSUMER, envelope.id):
-                return
-            if isinstance(message, AIGenerationJobCompleted):
-                usage = Usage(**message.usage)
-                job = await job_service.apply_completed(
-                    session, message, price=lambda job: pricer(job.model, usage)
-                )
-                outcome = "completed" if job else "stale"
-            elif isinstance(message, AIGenerationJobFailed):
-                job = await job_service.apply_failed(session, message)
-                outcome = "failed" if job else "stale"
-            elif isinstance(message, AIGenerationJobCanceled):
-                # The API applied the cancel and refund in its own transaction.
-                outcome = "canceled"
-            else:
-                assert isinstance(message, AIGenerationJobRequested)
-                outcome = "ignored"
-            if envelope.job_id and not isinstance(message, AIGenerationJobRequested):
-                current = await session.get(Job, envelope.job_id)
-                ended = current if current is not None and current.status in TERMINAL else None
+        outcome, ended = await group.run(lambda session: _apply(session, envelope, pricer))
         if limiter is not None and ended is not None:
             unspent = ended.credits_reserved - (ended.credits_charged or 0)
             await limiter.refund(ended.api_key_id, ended.id, credits=unspent)
@@ -73,6 +58,36 @@ def make_handler(
         )
 
     return handle
+
+
+async def _apply(
+    session: AsyncSession, envelope: Envelope, pricer: Pricer
+) -> tuple[str, Job | None]:
+    """Apply one event in the caller's transaction: its outcome, and the job if it ended."""
+    message = envelope.message()
+    if not await inbox.first_time(session, CONSUMER, envelope.id):
+        return "duplicate", None
+    if isinstance(message, AIGenerationJobCompleted):
+        usage = Usage(**message.usage)
+        job = await job_service.apply_completed(
+            session, message, price=lambda job: pricer(job.model, usage)
+        )
+        outcome = "completed" if job else "stale"
+    elif isinstance(message, AIGenerationJobFailed):
+        job = await job_service.apply_failed(session, message)
+        outcome = "failed" if job else "stale"
+    elif isinstance(message, AIGenerationJobCanceled):
+        # The API applied the cancel and refund in its own transaction.
+        return "canceled", await _ended(session, envelope.job_id)
+    else:
+        assert isinstance(message, AIGenerationJobRequested)
+        return "ignored", None
+    return outcome, await _ended(session, envelope.job_id)
+
+
+async def _ended(session: AsyncSession, job_id: str | None) -> Job | None:
+    current = await session.get(Job, job_id) if job_id else None
+    return current if current is not None and current.status in TERMINAL else None
 
 
 def make_dead_letter_hook(sessionmaker: Sessionmaker) -> DeadLetterHook:

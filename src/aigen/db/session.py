@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -45,32 +46,54 @@ def create_engine(
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
         pool_timeout=pool_timeout,
         connect_args=connect_args,
     )
     if asyncpg:
-        _ping_in_one_round_trip(engine)
+        _ping_idle_connections(engine)
     return engine
 
 
-def _ping_in_one_round_trip(engine: AsyncEngine) -> None:
-    """The pool's pre-ping (a pooled connection is tested before each use) as one `;`.
+# A connection back in the pool for less than this is taken to be alive without a ping.
+PING_AFTER_IDLE_SECONDS = 1.0
+_RETURNED_AT = "aigen.returned_at"
 
-    SQLAlchemy's asyncpg ping wraps its `;` in BEGIN … ROLLBACK for PgBouncer's
+
+def _ping_idle_connections(engine: AsyncEngine) -> None:
+    """Test a pooled connection before use, in one round trip and only when in doubt.
+
+    SQLAlchemy's own pre-ping (asyncpg) wraps a `;` in BEGIN … ROLLBACK, for PgBouncer's
     transaction mode: three round trips before every transaction, the most frequent
-    statements on the database. A bare `;` tells as surely whether the connection is
-    alive; a failure invalidates the pool and reconnects, as before.
+    statements on the database. Here a bare `;` does, and only for a connection that
+    sat idle for a while: one in use a moment ago (every connection, under load) was
+    alive then, and asyncpg itself notices a connection the server has closed since.
+    A link that breaks within that second fails its statement instead, as one that
+    breaks mid-transaction does; the pool then discards its connections, and the
+    caller's retry (a 503 and Retry-After, a redelivered message) finds new ones.
+    A failed test makes the pool drop the connection and take another (SQLAlchemy's
+    documented "pessimistic" handling, `DisconnectionError` at checkout).
     """
+    pool = engine.sync_engine.pool
 
-    def do_ping(dbapi_connection: Any) -> bool:
+    @event.listens_for(pool, "checkin")
+    def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
+        if record is not None:
+            record.info[_RETURNED_AT] = time.monotonic()
+
+    @event.listens_for(pool, "checkout")
+    def _on_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        returned_at = record.info.get(_RETURNED_AT)
+        if returned_at is None:
+            return  # connected just now
+        driver = dbapi_connection.driver_connection
+        if driver.is_closed():
+            raise exc.DisconnectionError("the server closed the connection")
+        if time.monotonic() - returned_at < PING_AFTER_IDLE_SECONDS:
+            return
         try:
-            await_only(dbapi_connection.driver_connection.fetchrow(";"))
-        except Exception:
-            return False
-        return True
-
-    engine.sync_engine.dialect.do_ping = do_ping  # type: ignore[method-assign]
+            await_only(driver.fetchrow(";"))
+        except Exception as error:
+            raise exc.DisconnectionError(f"the connection failed its test: {error!r}") from error
 
 
 # How long a transaction waits for SQLite's write lock: PRAGMA busy_timeout, and the

@@ -33,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from aigen.clock import utcnow
 from aigen.config import Settings
+from aigen.db.group import GroupCommit
 from aigen.db.session import Sessionmaker, unit_of_work
 from aigen.models import Account, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 
@@ -93,6 +94,8 @@ class Dispatcher:
         # Slots promised to deliveries being handed over (`reserve`, then `hand`).
         self._reserved = 0
         self._running = False
+        # The attempts that end together are recorded in one transaction.
+        self._settlements: GroupCommit[tuple[str, str]] = GroupCommit(sessionmaker)
 
     def wake(self) -> None:
         """New deliveries are due (enqueued in this process): claim now, not at the poll."""
@@ -289,8 +292,9 @@ class Dispatcher:
         result: sender.AttemptResult,
         attempted_at: datetime,
     ) -> None:
-        now = utcnow()
-        async with unit_of_work(self._sessionmaker) as session:
+        async def record(session: AsyncSession) -> tuple[str, str]:
+            """The attempt's row and the delivery's new state: (planned, outcome)."""
+            now = utcnow()
             session.add(
                 WebhookAttempt(
                     delivery_id=claim.id,
@@ -305,14 +309,16 @@ class Dispatcher:
             if message.endpoint_id is not None:
                 endpoint = await session.get(WebhookEndpoint, message.endpoint_id)
             values, endpoint_values = self._outcome(claim, message, result, endpoint, now)
-            outcome = values["status"]
-            if await repository.settle(session, claim, **values):
-                for name, value in endpoint_values.items():
-                    setattr(endpoint, name, value)
-            else:
+            if not await repository.settle(session, claim, **values):
                 # Another claim owns the delivery now: keep the attempt row, change nothing else.
-                log.info("webhook attempt outlived its claim", delivery_id=claim.id)
-                outcome = "superseded"
+                return values["status"], "superseded"
+            for name, value in endpoint_values.items():
+                setattr(endpoint, name, value)
+            return values["status"], values["status"]
+
+        planned, outcome = await self._settlements.run(record)
+        if outcome == "superseded":
+            log.info("webhook attempt outlived its claim", delivery_id=claim.id)
         metrics.record(result, status=outcome, sent=message.unsendable is None)
         log.info(
             "webhook attempt",
@@ -321,7 +327,7 @@ class Dispatcher:
             status_code=result.status_code,
             latency_ms=result.latency_ms,
             error=result.error,
-            outcome=values["status"],
+            outcome=planned,
         )
 
     def _outcome(

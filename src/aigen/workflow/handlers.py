@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import structlog
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from aigen.backend.job import service as job_service
 from aigen.bus import inbox, outbox
@@ -28,6 +29,7 @@ from aigen.bus.messages import (
     Envelope,
 )
 from aigen.config import Settings
+from aigen.db.group import GroupCommit
 from aigen.db.session import Sessionmaker, unit_of_work
 from aigen.models import InboxMessage, Job
 from aigen.serving.base import (
@@ -68,14 +70,13 @@ class Workflow:
         self._providers = providers
         self._store = store
         self._settings = settings
+        # The claims, and the announcements, of the jobs in hand share transactions.
+        self._group: GroupCommit[Any] = GroupCommit(sessionmaker)
 
     async def handle(self, envelope: Envelope) -> None:
         message = envelope.message()
         assert isinstance(message, AIGenerationJobRequested)
-        async with unit_of_work(self._sessionmaker) as session:
-            if await session.get(InboxMessage, (CONSUMER, envelope.id)) is not None:
-                return
-            job = await job_service.claim(session, message.job_id)
+        job = await self._group.run(lambda session: _claim(session, envelope.id, message.job_id))
         if job is None:
             log.info("workflow.skipped", job_id=message.job_id, reason="not claimable")
             return
@@ -102,14 +103,9 @@ class Workflow:
                 attempt=job.attempt,
                 error=error.as_error(),
             )
-        async with unit_of_work(self._sessionmaker) as session:
-            if not await inbox.first_time(session, CONSUMER, envelope.id):
-                return
-            if not await job_service.is_running(session, job.id, job.attempt):
-                bound.info("workflow.result_discarded", reason="job no longer running")
-                return
-            outbox.add(session, event, traceparent=envelope.traceparent)
-        bound.info("workflow.finished", event_type=type(event).__name__)
+        announced = await self._group.run(lambda session: _announce(session, envelope, job, event))
+        if announced:
+            bound.info("workflow.finished", event_type=type(event).__name__)
 
     async def _run(self, job: Job) -> ProviderResult:
         """Call the provider with a time limit, retrying retryable errors with backoff."""
@@ -206,6 +202,28 @@ class Workflow:
                 )
             )
         return refs
+
+
+async def _claim(session: AsyncSession, event_id: str, job_id: str) -> Job | None:
+    if await session.get(InboxMessage, (CONSUMER, event_id)) is not None:
+        return None  # announced before: a redelivery
+    return await job_service.claim(session, job_id)
+
+
+async def _announce(
+    session: AsyncSession,
+    envelope: Envelope,
+    job: Job,
+    event: AIGenerationJobCompleted | AIGenerationJobFailed,
+) -> bool:
+    """Queue the result event, with this consumer's inbox row; False when it was not."""
+    if not await inbox.first_time(session, CONSUMER, envelope.id):
+        return False
+    if not await job_service.is_running(session, job.id, job.attempt):
+        log.info("workflow.result_discarded", job_id=job.id, reason="job no longer running")
+        return False
+    outbox.add(session, event, traceparent=envelope.traceparent)
+    return True
 
 
 def retry_delay(base: float, number: int, error: ProviderError) -> float:

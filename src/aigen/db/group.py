@@ -1,0 +1,123 @@
+"""Group commit for consumers: units of work that arrive together share one transaction.
+
+A consumer handles many messages at once (its prefetch), and each used to be its own
+transaction: a connection checkout, BEGIN, COMMIT and a flush of the database's log for a
+few statements of work. `GroupCommit.run` queues a unit of work; while a transaction
+runs, the units that arrive wait, and then all go together in the next one, one after
+another in the same session. An idle consumer still runs each unit at once and alone;
+under load the batches grow by themselves, with no timer (as the API's intake does).
+
+A unit of work is a function of the session. It must leave no trace outside the
+session before the commit (effects after the commit belong to its caller), because it
+may run twice: when any unit of a batch raises, the whole transaction is rolled back
+and every unit runs again in a transaction of its own, so that one unit's error (a
+deadlock, a constraint) is that unit's alone and the others still commit. When the
+database cannot be reached, the units queued behind the failed batch fail with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Generic, TypeVar
+
+import structlog
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from .errors import unreachable
+from .session import Sessionmaker, unit_of_work
+
+T = TypeVar("T")
+Work = Callable[[AsyncSession], Awaitable[T]]
+_Queued = tuple[Work[Any], "asyncio.Future[Any]"]
+
+# Enough to amortise a transaction many times over, few enough that one transaction
+# (and the row locks it holds) stays short.
+MAX_BATCH = 64
+
+log = structlog.get_logger(__name__)
+
+
+class GroupCommit(Generic[T]):
+    """Runs units of work in shared transactions, one transaction at a time."""
+
+    def __init__(self, sessionmaker: Sessionmaker, *, max_batch: int = MAX_BATCH) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self._sessionmaker = sessionmaker
+        self._max_batch = max_batch
+        self._waiting: list[_Queued] = []
+        self._running: asyncio.Task[None] | None = None
+
+    async def run(self, work: Work[T]) -> T:
+        """Run `work` in a transaction; returns its result once that has committed.
+
+        Cancelling the caller does not take the unit out of a transaction already
+        running: it may still commit, as it may after a crash of the caller.
+        """
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        # Retrieved even when the caller is gone: no "exception never retrieved".
+        future.add_done_callback(lambda done: done.cancelled() or done.exception())
+        self._waiting.append((work, future))
+        self._start()
+        return await asyncio.shield(future)
+
+    def _start(self) -> None:
+        running = self._running
+        loop = asyncio.get_running_loop()
+        if running is None or running.done() or running.get_loop() is not loop:
+            self._running = loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        # Runs while units wait and ends when none do; the next `run` starts it again.
+        while self._waiting:
+            batch = self._waiting[: self._max_batch]
+            del self._waiting[: self._max_batch]
+            try:
+                await self._commit(batch)
+            except BaseException:
+                for _, future in [*batch, *self._waiting]:
+                    future.cancel()
+                self._waiting.clear()
+                raise
+
+    async def _commit(self, batch: Sequence[_Queued]) -> None:
+        if len(batch) > 1:
+            try:
+                async with unit_of_work(self._sessionmaker) as session:
+                    results = [await work(session) for work, _ in batch]
+            except Exception as error:
+                if unreachable(error):
+                    self._fail_all(batch, error)
+                    return
+                log.info("group_commit.split", units=len(batch), error=repr(error))
+            else:
+                for (_, future), result in zip(batch, results, strict=True):
+                    if not future.done():
+                        future.set_result(result)
+                return
+        # One unit, or a batch that failed: each in a transaction of its own.
+        for number, (work, future) in enumerate(batch):
+            try:
+                async with unit_of_work(self._sessionmaker) as session:
+                    result = await work(session)
+            except Exception as error:
+                if unreachable(error):
+                    self._fail_all(batch[number:], error)
+                    return
+                _fail(future, error)
+            else:
+                if not future.done():
+                    future.set_result(result)
+
+    def _fail_all(self, batch: Sequence[_Queued], error: Exception) -> None:
+        """The database is out of reach: those queued behind would wait out the same
+        timeouts in turn, so they fail now too, as their own transactions would."""
+        for _, future in [*batch, *self._waiting]:
+            _fail(future, error)
+        self._waiting.clear()
+
+
+def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)

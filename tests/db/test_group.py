@@ -1,0 +1,130 @@
+"""Group commit for consumers: shared transactions, and one unit's error stays its own."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from sqlalchemy import event, func, select
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+from aigen.bus import inbox
+from aigen.db.group import GroupCommit
+from aigen.db.session import Sessionmaker
+from aigen.models import InboxMessage
+
+
+async def _recorded(sessionmaker: Sessionmaker) -> set[str]:
+    async with sessionmaker() as session:
+        return set((await session.scalars(select(InboxMessage.event_id))).all())
+
+
+def _count_commits(engine: AsyncEngine) -> list[int]:
+    commits: list[int] = []
+    event.listen(engine.sync_engine, "commit", lambda *_: commits.append(1))
+    return commits
+
+
+async def test_units_that_arrive_together_share_transactions(
+    engine: AsyncEngine, sessionmaker: Sessionmaker
+) -> None:
+    commits = _count_commits(engine)
+    group: GroupCommit[bool] = GroupCommit(sessionmaker)
+
+    def record(event_id: str) -> Any:
+        return lambda session: inbox.first_time(session, "test", event_id)
+
+    results = await asyncio.gather(*(group.run(record(f"evt_{n}")) for n in range(40)))
+    # A redelivered event in a later batch finds its row: the results are the units' own.
+    again = await group.run(record("evt_7"))
+
+    assert results == [True] * 40
+    assert again is False
+    assert await _recorded(sessionmaker) == {f"evt_{n}" for n in range(40)}
+    # The first runs alone; those that queued meanwhile go together.
+    assert 2 <= len(commits) <= 4
+
+
+async def test_a_failing_unit_fails_alone_and_the_others_commit(
+    sessionmaker: Sessionmaker,
+) -> None:
+    group: GroupCommit[bool] = GroupCommit(sessionmaker)
+    runs: dict[str, int] = {}
+
+    def unit(event_id: str, *, fails: bool = False) -> Any:
+        async def work(session: AsyncSession) -> bool:
+            runs[event_id] = runs.get(event_id, 0) + 1
+            recorded = await inbox.first_time(session, "test", event_id)
+            if fails:
+                raise ValueError(f"{event_id} is bad")
+            return recorded
+
+        return work
+
+    blocker = asyncio.ensure_future(group.run(unit("evt_first")))
+    await asyncio.sleep(0)  # the first batch starts; the next three queue behind it
+    batch = [
+        group.run(unit("evt_a")),
+        group.run(unit("evt_bad", fails=True)),
+        group.run(unit("evt_b")),
+    ]
+    results = await asyncio.gather(blocker, *batch, return_exceptions=True)
+
+    assert results[:2] == [True, True]
+    assert isinstance(results[2], ValueError)
+    assert str(results[2]) == "evt_bad is bad"
+    assert results[3] is True
+    # The batch stopped at the bad unit and was rolled back; then each unit ran alone
+    # (evt_b, behind the bad one, for the first time): nothing of the bad one stays.
+    assert runs == {"evt_first": 1, "evt_a": 2, "evt_bad": 2, "evt_b": 1}
+    assert await _recorded(sessionmaker) == {"evt_first", "evt_a", "evt_b"}
+
+
+async def test_an_unreachable_database_fails_the_units_queued_behind(
+    sessionmaker: Sessionmaker,
+) -> None:
+    group: GroupCommit[None] = GroupCommit(sessionmaker)
+    stuck = asyncio.Event()
+    tried: list[str] = []
+
+    def unit(name: str) -> Any:
+        async def work(session: AsyncSession) -> None:
+            tried.append(name)
+            await stuck.wait()  # as a statement timeout would
+            raise ConnectionResetError("the database went away")
+
+        return work
+
+    first = asyncio.ensure_future(group.run(unit("first")))
+    await asyncio.sleep(0.05)
+    second = asyncio.ensure_future(group.run(unit("second")))
+    third = asyncio.ensure_future(group.run(unit("third")))
+    await asyncio.sleep(0.05)
+    stuck.set()
+    results = await asyncio.gather(first, second, third, return_exceptions=True)
+
+    assert all(isinstance(r, ConnectionResetError) for r in results)
+    # The two queued behind the first were not tried one timeout later: they failed with it.
+    assert tried == ["first"]
+
+
+async def test_a_cancelled_caller_does_not_stop_the_batch(sessionmaker: Sessionmaker) -> None:
+    group: GroupCommit[bool] = GroupCommit(sessionmaker)
+    gate = asyncio.Event()
+
+    async def slow(session: AsyncSession) -> bool:
+        await gate.wait()
+        return await inbox.first_time(session, "test", "evt_slow")
+
+    caller = asyncio.ensure_future(group.run(slow))
+    await asyncio.sleep(0.05)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    gate.set()
+    # A unit behind it still runs: the batch went on and committed.
+    assert await group.run(lambda s: inbox.first_time(s, "test", "evt_next")) is True
+    async with sessionmaker() as session:
+        count = await session.scalar(select(func.count()).select_from(InboxMessage))
+    assert count == 2
