@@ -9,6 +9,7 @@ The payload is built from the job as the backend recorded it, so the notifier wa
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -20,7 +21,8 @@ from aigen.bus.broker import Handler, Retry
 from aigen.bus.messages import Envelope
 from aigen.clock import utcnow
 from aigen.config import Settings
-from aigen.db.session import Sessionmaker, unit_of_work
+from aigen.db.group import GroupCommit
+from aigen.db.session import Sessionmaker
 from aigen.models import Job, WebhookDelivery
 from aigen.models.job import CANCELED, COMPLETED, EXPIRED, FAILED
 from aigen.storage.base import AssetStore
@@ -50,37 +52,58 @@ def make_handler(
     leased and prepared in this transaction and handed to it once committed: their first
     attempt starts at once, without a claim and a second read. The rest wait for its
     next claim, which the commit wakes. A crash in between loses nothing: the lease runs
-    out and a later claim makes the attempt.
+    out and a later claim makes the attempt. The events that arrive together share one
+    transaction (`GroupCommit`).
     """
+    group: GroupCommit[Enqueued | None] = GroupCommit(sessionmaker)
 
     async def handle(envelope: Envelope) -> None:
         reserved = 0
-        handed: list[tuple[repository.Claim, Prepared]] = []
+
+        async def enqueue(session: AsyncSession) -> Enqueued | None:
+            nonlocal reserved
+            if dispatcher is not None:
+                # A unit of work may run twice (`GroupCommit`): only the last run's
+                # reservation stands.
+                dispatcher.unreserve(reserved)
+                reserved = 0
+            job = await session.get(Job, envelope.job_id)
+            if job is not None and job.status not in EVENT_TYPES:
+                # The backend has not applied the result yet (it often races this very
+                # event): nothing is written, and the caller asks again shortly.
+                return None
+            if not await inbox.first_time(session, CONSUMER, envelope.id) or job is None:
+                return Enqueued(0, [])
+            created = await service.enqueue(session, job=job, event_type=EVENT_TYPES[job.status])
+            handed: list[tuple[repository.Claim, Prepared]] = []
+            if dispatcher is not None and created:
+                reserved = dispatcher.reserve(len(created))
+                handed = await _lease_and_prepare(session, dispatcher, created[:reserved])
+            return Enqueued(len(created), handed)
+
         try:
-            async with unit_of_work(sessionmaker) as session:
-                job = await session.get(Job, envelope.job_id)
-                if job is not None and job.status not in EVENT_TYPES:
-                    # The backend has not applied the result yet (it often races this
-                    # very event): ask again shortly, before writing anything.
-                    raise Retry(wait_seconds, "job not yet terminal")
-                if not await inbox.first_time(session, CONSUMER, envelope.id) or job is None:
-                    return
-                event_type = EVENT_TYPES[job.status]
-                created = await service.enqueue(session, job=job, event_type=event_type)
-                if dispatcher is not None and created:
-                    reserved = dispatcher.reserve(len(created))
-                    handed = await _lease_and_prepare(session, dispatcher, created[:reserved])
+            enqueued = await group.run(enqueue)
         except BaseException:
             if dispatcher is not None:
                 dispatcher.unreserve(reserved)
             raise
-        if dispatcher is not None and created:
-            dispatcher.hand(handed, reserved=reserved)
-            if len(handed) < len(created):
+        if enqueued is None:
+            raise Retry(wait_seconds, "job not yet terminal")
+        if dispatcher is not None and enqueued.created:
+            dispatcher.hand(enqueued.handed, reserved=reserved)
+            if len(enqueued.handed) < enqueued.created:
                 dispatcher.wake()  # the rest: at its next claim, now rather than at the poll
-        log.info("notifier.enqueued", job_id=envelope.job_id, deliveries=len(created))
+        log.info("notifier.enqueued", job_id=envelope.job_id, deliveries=enqueued.created)
 
     return handle
+
+
+@dataclass(frozen=True, slots=True)
+class Enqueued:
+    """How many deliveries an event made, and those leased and prepared for the dispatcher."""
+
+    created: int
+    handed: list[tuple[repository.Claim, Prepared]]
 
 
 async def _lease_and_prepare(
