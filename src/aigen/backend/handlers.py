@@ -49,7 +49,12 @@ def make_handler(
     group: GroupCommit[tuple[str, Job | None]] = GroupCommit(sessionmaker)
 
     async def handle(envelope: Envelope) -> None:
-        outcome, ended = await group.run(lambda session: _apply(session, envelope, pricer))
+        outcome, ended = await group.run(
+            lambda session: _apply(session, envelope, pricer),
+            # A settlement updates its account's balance: accounts in id order, as the
+            # API's intake locks them.
+            order=str(envelope.data.get("account_id", "")),
+        )
         if limiter is not None and ended is not None:
             unspent = ended.credits_reserved - (ended.credits_charged or 0)
             await limiter.refund(ended.api_key_id, ended.id, credits=unspent)

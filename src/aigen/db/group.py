@@ -29,7 +29,7 @@ from .session import Sessionmaker, unit_of_work
 
 T = TypeVar("T")
 Work = Callable[[AsyncSession], Awaitable[T]]
-_Queued = tuple[Work[Any], "asyncio.Future[Any]"]
+_Queued = tuple[str, Work[Any], "asyncio.Future[Any]"]
 
 # Enough to amortise a transaction many times over, few enough that one transaction
 # (and the row locks it holds) stays short.
@@ -49,8 +49,13 @@ class GroupCommit(Generic[T]):
         self._waiting: list[_Queued] = []
         self._running: asyncio.Task[None] | None = None
 
-    async def run(self, work: Work[T]) -> T:
+    async def run(self, work: Work[T], *, order: str = "") -> T:
         """Run `work` in a transaction; returns its result once that has committed.
+
+        The units of one transaction run in the `order` of their keys: units that lock
+        shared rows (an account's balance) pass the rows' id, so that every transaction
+        takes those locks in the same (ascending) order, and no two of them, here or in
+        another process, ever wait for each other in a circle.
 
         Cancelling the caller does not take the unit out of a transaction already
         running: it may still commit, as it may after a crash of the caller.
@@ -58,7 +63,7 @@ class GroupCommit(Generic[T]):
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         # Retrieved even when the caller is gone: no "exception never retrieved".
         future.add_done_callback(lambda done: done.cancelled() or done.exception())
-        self._waiting.append((work, future))
+        self._waiting.append((order, work, future))
         self._start()
         return await asyncio.shield(future)
 
@@ -71,12 +76,12 @@ class GroupCommit(Generic[T]):
     async def _drain(self) -> None:
         # Runs while units wait and ends when none do; the next `run` starts it again.
         while self._waiting:
-            batch = self._waiting[: self._max_batch]
+            batch = sorted(self._waiting[: self._max_batch], key=lambda queued: queued[0])
             del self._waiting[: self._max_batch]
             try:
                 await self._commit(batch)
             except BaseException:
-                for _, future in [*batch, *self._waiting]:
+                for *_, future in [*batch, *self._waiting]:
                     future.cancel()
                 self._waiting.clear()
                 raise
@@ -85,19 +90,19 @@ class GroupCommit(Generic[T]):
         if len(batch) > 1:
             try:
                 async with unit_of_work(self._sessionmaker) as session:
-                    results = [await work(session) for work, _ in batch]
+                    results = [await work(session) for _, work, _ in batch]
             except Exception as error:
                 if unreachable(error):
                     self._fail_all(batch, error)
                     return
                 log.info("group_commit.split", units=len(batch), error=repr(error))
             else:
-                for (_, future), result in zip(batch, results, strict=True):
+                for (*_, future), result in zip(batch, results, strict=True):
                     if not future.done():
                         future.set_result(result)
                 return
         # One unit, or a batch that failed: each in a transaction of its own.
-        for number, (work, future) in enumerate(batch):
+        for number, (_, work, future) in enumerate(batch):
             try:
                 async with unit_of_work(self._sessionmaker) as session:
                     result = await work(session)
@@ -113,7 +118,7 @@ class GroupCommit(Generic[T]):
     def _fail_all(self, batch: Sequence[_Queued], error: Exception) -> None:
         """The database is out of reach: those queued behind would wait out the same
         timeouts in turn, so they fail now too, as their own transactions would."""
-        for _, future in [*batch, *self._waiting]:
+        for *_, future in [*batch, *self._waiting]:
             _fail(future, error)
         self._waiting.clear()
 

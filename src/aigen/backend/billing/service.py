@@ -77,12 +77,18 @@ class Hold:
 async def lock_balances(session: AsyncSession, account_ids: Iterable[str]) -> dict[str, int]:
     """The accounts' balances, their rows locked until the transaction ends (PostgreSQL;
     SQLite's writer lock covers the whole transaction). Locked in id order, so that two
-    transactions that lock several accounts cannot deadlock on one another."""
+    transactions that lock several accounts cannot deadlock on one another.
+
+    `FOR NO KEY UPDATE`, the lock an UPDATE of the balance takes itself: it leaves the
+    rows that merely reference an account (jobs, ledger rows, webhook deliveries) free
+    to be inserted by other transactions meanwhile. `FOR UPDATE` would also wait for
+    those, and deadlock with a consumer that inserts them for several accounts at once.
+    """
     rows = await session.execute(
         select(Account.id, Account.balance)
         .where(Account.id.in_(sorted(set(account_ids))))
         .order_by(Account.id)
-        .with_for_update()
+        .with_for_update(key_share=True)
     )
     return {account_id: int(balance) for account_id, balance in rows.all()}
 

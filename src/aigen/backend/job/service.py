@@ -151,7 +151,10 @@ async def create_many(
     if is_postgres(session):
         # (SQLite already serialises writers: every transaction begins IMMEDIATE.)
         await session.execute(
-            select(ApiKey.id).where(ApiKey.id.in_(key_ids)).order_by(ApiKey.id).with_for_update()
+            select(ApiKey.id)
+            .where(ApiKey.id.in_(key_ids))
+            .order_by(ApiKey.id)
+            .with_for_update(key_share=True)  # as `lock_balances`: inserts may go on
         )
     counts = await session.execute(
         select(Job.api_key_id, func.count())
