@@ -12,6 +12,9 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
+import pytest
+from sqlalchemy import text
+
 from aigen.bus import outbox
 from aigen.bus.messages import AIGenerationJobCanceled, Envelope
 from aigen.db.session import Sessionmaker, create_engine, create_sessionmaker, unit_of_work
@@ -80,3 +83,44 @@ async def test_a_rollback_publishes_nothing(sessionmaker: Sessionmaker) -> None:
             pass
         assert await relay.run_once() == 0
         assert broker.published == []
+
+
+async def test_a_relay_listens_again_after_losing_its_connection(
+    sessionmaker: Sessionmaker, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if database_url.startswith("sqlite"):
+        pytest.skip("NOTIFY is PostgreSQL's; SQLite wakes relays in memory")
+    # Only a notice can wake the relay once it listens: its poll is an hour.
+    monkeypatch.setattr(outbox, "LISTENING_POLL_SECONDS", NEVER)
+    engine = create_engine(database_url)
+    broker = RecordingBroker()
+    try:
+        relay_sessions = create_sessionmaker(engine)
+        relay = outbox.Relay(relay_sessions, broker, poll_interval=0.01)  # type: ignore[arg-type]
+        stop = asyncio.Event()
+        running = asyncio.create_task(relay.run(stop))
+        try:
+            await asyncio.sleep(0.5)
+            async with unit_of_work(sessionmaker) as session:
+                # The server ends the relay's listening connection, as a restart would.
+                await session.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE query LIKE 'LISTEN%' AND datname = current_database()"
+                    )
+                )
+            await asyncio.sleep(1.0)
+            async with unit_of_work(sessionmaker) as session:
+                envelope = outbox.add(
+                    session, AIGenerationJobCanceled(job_id="job-2", account_id="acc-1")
+                )
+                # As from another process: no wake-up in memory, only the notice.
+                session.info.pop(outbox._ADDED)
+                await session.execute(text(f"NOTIFY {outbox.CHANNEL}"))
+            await asyncio.wait_for(broker.arrived.wait(), 5)
+            assert [e.id for e in broker.published] == [envelope.id]
+        finally:
+            stop.set()
+            await running
+    finally:
+        await engine.dispose()

@@ -7,7 +7,8 @@ Wake-ups: a relay polls every `poll_interval`, and is also woken as soon as a tr
 that added outbox rows commits: at once in the same process (`aigen up`), and through
 PostgreSQL's `NOTIFY aigen_outbox` (sent on the committing connection just after the
 commit, outside any lock) in other processes. A wake-up is only a hint; the poll stays
-the guarantee, so a lost notice delays an event by one poll at most.
+the guarantee, so a lost notice delays an event by one poll at most (a second, for a
+relay that listens: `LISTENING_POLL_SECONDS`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ _NOTIFY = "aigen.outbox.notify"
 # Relays running in this process, woken when a transaction that added rows commits.
 _running: weakref.WeakSet[Relay] = weakref.WeakSet()
 MAX_GAP_SECONDS = 0.005
+# How often a relay that listens for notices polls all the same.
+LISTENING_POLL_SECONDS = 1.0
 
 
 def add(session: AsyncSession, message: Message, *, traceparent: str | None = None) -> Envelope:
@@ -163,6 +166,15 @@ class Relay:
         try:
             while not stop.is_set():
                 started = time.monotonic()
+                if listener is not None and listener.is_closed():
+                    # The server closed it (a restart, say): listen again once it is back,
+                    # and poll at the short interval meanwhile.
+                    listener = await self._listen()
+                # With PostgreSQL's notices every commit wakes the relay: the poll is then
+                # only the net for a lost notice, and need not run 20 times a second.
+                poll = self._poll_interval
+                if listener is not None:
+                    poll = max(poll, LISTENING_POLL_SECONDS)
                 try:
                     sent = await self.run_once()
                 except Exception:
@@ -171,7 +183,7 @@ class Relay:
                     await sleep_or_stop(stop, 1.0)
                 if sent < self._batch:
                     self.wakeup.clear()
-                    await wait_any(self._poll_interval, stop, self.wakeup)
+                    await wait_any(poll, stop, self.wakeup)
                     gap = self._min_gap - (time.monotonic() - started)
                     if gap > 0 and not stop.is_set():
                         await asyncio.sleep(gap)
@@ -190,6 +202,8 @@ class Relay:
         try:
             connection = await asyncio.wait_for(asyncpg.connect(dsn), 10)
             await connection.add_listener(CHANNEL, lambda *_: self.wake())
+            # Lost (a server restart, say): run at once, to listen again (`run`).
+            connection.add_termination_listener(lambda *_: self.wake())
         except Exception as error:
             # Polling alone still publishes everything, one poll later.
             log.warning("relay.listen_failed", error=repr(error))
