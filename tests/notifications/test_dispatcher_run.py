@@ -11,6 +11,7 @@ import pytest
 
 from aigen.config import Settings
 from aigen.db.session import Sessionmaker, create_engine, create_sessionmaker, unit_of_work
+from aigen.notifications import dispatcher as dispatcher_module
 from aigen.notifications import service
 from aigen.notifications.dispatcher import Dispatcher
 from aigen.notifications.service import JOB_COMPLETED
@@ -171,3 +172,32 @@ class TestWake:
         finally:
             stop.set()
             await task
+
+
+class TestIdle:
+    async def test_a_retry_wakes_the_dispatcher_at_its_time(
+        self,
+        sessionmaker: Sessionmaker,
+        settings: Settings,
+        receiver: WebhookReceiverDouble,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        # Idle, the loop would not look again for a minute: only the retry's own timer can
+        # bring the second attempt (0.1 s after the first, by the test schedule) in time.
+        monkeypatch.setattr(dispatcher_module, "IDLE_POLL_SECONDS", 60.0)
+        monkeypatch.setattr(dispatcher_module, "IDLE_POLL_FACTOR", 6000)
+        receiver.script("/flaky", Answer(503), Answer(200))
+        stop = asyncio.Event()
+        dispatcher = Dispatcher(sessionmaker, settings, payload_builder=build_payload)
+        task = asyncio.create_task(dispatcher.run(stop))
+        try:
+            await asyncio.sleep(0.3)  # its first claim found nothing: it sleeps
+            await jobs_to(sessionmaker, [receiver.url("/flaky")])
+            dispatcher.wake()  # as the notifier's handler does for a delivery it made
+            await eventually(lambda: settled(sessionmaker), within=10)
+        finally:
+            stop.set()
+            await task
+        [delivery] = await load_deliveries(sessionmaker)
+        assert delivery.status == "delivered"
+        assert [r.path for r in receiver.requests] == ["/flaky", "/flaky"]
