@@ -86,14 +86,11 @@ async def enqueue(session: AsyncSession, *, job: Job, event_type: str) -> list[W
     statement = (
         insert(WebhookDelivery)
         .on_conflict_do_nothing(index_elements=["job_id", "event_type", "target"])
-        .returning(WebhookDelivery.id)
+        .returning(WebhookDelivery)  # the rows made, as objects: no second read
     )
-    created = set((await session.scalars(statement, rows)).all())
-    if not created:
-        return []
-    result = await session.scalars(select(WebhookDelivery).where(WebhookDelivery.id.in_(created)))
+    created = (await session.scalars(statement, rows)).all()
     order = {row["id"]: index for index, row in enumerate(rows)}
-    return sorted(result, key=lambda delivery: order[delivery.id])
+    return sorted(created, key=lambda delivery: order[delivery.id])
 
 
 async def redeliver(
