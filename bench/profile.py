@@ -1,8 +1,10 @@
 """Sampling profiles of the processes under load, with py-spy (`pip install py-spy`).
 
 `record` samples one process for a while (non-blocking, so the process is not paused)
-into py-spy's collapsed-stack format; `python -m bench.profile FILE` prints the functions
-that take the most samples, inclusive and exclusive, which is what BENCHMARKS.md quotes.
+into py-spy's collapsed-stack format, only while it holds the GIL: Python's own CPU time,
+without the waits and the system calls (a socket write that the kernel holds up, say).
+`python -m bench.profile FILE` prints the functions that take the most samples,
+inclusive and exclusive, which is what BENCHMARKS.md quotes.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ async def record(pid: int, seconds: float, out: Path, *, rate: int = 200) -> Pat
         return None
     process = await asyncio.create_subprocess_exec(
         spy, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))),
-        "--rate", str(rate), "--nonblocking", "--format", "raw", "--output", str(out),
+        "--rate", str(rate), "--nonblocking", "--gil", "--format", "raw", "--output", str(out),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     try:
