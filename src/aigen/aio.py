@@ -1,9 +1,13 @@
-"""Small asyncio helpers for the long-running loops (relay, consumers, notifier)."""
+"""Small asyncio helpers for the long-running loops (relay, consumers, notifier), and the
+batching that the API's intake and the consumers' group commit share."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Generic, TypeVar
+
+Item = TypeVar("Item")
 
 
 async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
@@ -20,3 +24,36 @@ async def wait_any(seconds: float, *events: asyncio.Event) -> None:
     finally:
         for waiter in waiters:
             waiter.cancel()
+
+
+class Batcher(Generic[Item]):
+    """Items that arrive while a batch runs wait, then go together in the next batch.
+
+    One batch runs at a time, with every item that waited (at most `max_batch`): an idle
+    batcher runs an item at once and alone, and under load the batches grow by
+    themselves, with no timer. What a batch does is the subclass's `_run_batch`.
+    """
+
+    def __init__(self, *, max_batch: int) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self._max_batch = max_batch
+        self._waiting: list[Item] = []
+        self._running: asyncio.Task[None] | None = None
+
+    def _submit(self, item: Item) -> None:
+        self._waiting.append(item)
+        running = self._running
+        loop = asyncio.get_running_loop()
+        if running is None or running.done() or running.get_loop() is not loop:
+            self._running = loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        # Runs while items wait and ends when none do; the next `_submit` starts it again.
+        while self._waiting:
+            batch = self._waiting[: self._max_batch]
+            del self._waiting[: self._max_batch]
+            await self._run_batch(batch)
+
+    async def _run_batch(self, batch: list[Item]) -> None:
+        raise NotImplementedError

@@ -30,7 +30,7 @@ async def test_units_that_arrive_together_share_transactions(
     engine: AsyncEngine, sessionmaker: Sessionmaker
 ) -> None:
     commits = _count_commits(engine)
-    group: GroupCommit[bool] = GroupCommit(sessionmaker)
+    group = GroupCommit(sessionmaker)
 
     def record(event_id: str) -> Any:
         return lambda session: inbox.first_time(session, "test", event_id)
@@ -49,7 +49,7 @@ async def test_units_that_arrive_together_share_transactions(
 async def test_a_failing_unit_fails_alone_and_the_others_commit(
     sessionmaker: Sessionmaker,
 ) -> None:
-    group: GroupCommit[bool] = GroupCommit(sessionmaker)
+    group = GroupCommit(sessionmaker)
     runs: dict[str, int] = {}
 
     def unit(event_id: str, *, fails: bool = False) -> Any:
@@ -84,7 +84,7 @@ async def test_a_failing_unit_fails_alone_and_the_others_commit(
 async def test_an_unreachable_database_fails_the_units_queued_behind(
     sessionmaker: Sessionmaker,
 ) -> None:
-    group: GroupCommit[None] = GroupCommit(sessionmaker)
+    group = GroupCommit(sessionmaker)
     stuck = asyncio.Event()
     tried: list[str] = []
 
@@ -110,7 +110,7 @@ async def test_an_unreachable_database_fails_the_units_queued_behind(
 
 
 async def test_a_cancelled_caller_does_not_stop_the_batch(sessionmaker: Sessionmaker) -> None:
-    group: GroupCommit[bool] = GroupCommit(sessionmaker)
+    group = GroupCommit(sessionmaker)
     gate = asyncio.Event()
 
     async def slow(session: AsyncSession) -> bool:

@@ -46,7 +46,7 @@ def make_handler(
 
     The results that arrive together are applied in one transaction (`GroupCommit`).
     """
-    group: GroupCommit[tuple[str, Job | None]] = GroupCommit(sessionmaker)
+    group = GroupCommit(sessionmaker)
 
     async def handle(envelope: Envelope) -> None:
         outcome, ended = await group.run(

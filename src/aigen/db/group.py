@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
+
+from aigen.aio import Batcher
 
 from .errors import unreachable
 from .session import Sessionmaker, unit_of_work
@@ -38,16 +40,12 @@ MAX_BATCH = 64
 log = structlog.get_logger(__name__)
 
 
-class GroupCommit(Generic[T]):
+class GroupCommit(Batcher[_Queued]):
     """Runs units of work in shared transactions, one transaction at a time."""
 
     def __init__(self, sessionmaker: Sessionmaker, *, max_batch: int = MAX_BATCH) -> None:
-        if max_batch < 1:
-            raise ValueError("max_batch must be at least 1")
+        super().__init__(max_batch=max_batch)
         self._sessionmaker = sessionmaker
-        self._max_batch = max_batch
-        self._waiting: list[_Queued] = []
-        self._running: asyncio.Task[None] | None = None
 
     async def run(self, work: Work[T], *, order: str = "") -> T:
         """Run `work` in a transaction; returns its result once that has committed.
@@ -63,28 +61,18 @@ class GroupCommit(Generic[T]):
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         # Retrieved even when the caller is gone: no "exception never retrieved".
         future.add_done_callback(lambda done: done.cancelled() or done.exception())
-        self._waiting.append((order, work, future))
-        self._start()
+        self._submit((order, work, future))
         return await asyncio.shield(future)
 
-    def _start(self) -> None:
-        running = self._running
-        loop = asyncio.get_running_loop()
-        if running is None or running.done() or running.get_loop() is not loop:
-            self._running = loop.create_task(self._drain())
-
-    async def _drain(self) -> None:
-        # Runs while units wait and ends when none do; the next `run` starts it again.
-        while self._waiting:
-            batch = sorted(self._waiting[: self._max_batch], key=lambda queued: queued[0])
-            del self._waiting[: self._max_batch]
-            try:
-                await self._commit(batch)
-            except BaseException:
-                for *_, future in [*batch, *self._waiting]:
-                    future.cancel()
-                self._waiting.clear()
-                raise
+    async def _run_batch(self, batch: list[_Queued]) -> None:
+        batch.sort(key=lambda queued: queued[0])
+        try:
+            await self._commit(batch)
+        except BaseException:
+            for *_, future in [*batch, *self._waiting]:
+                future.cancel()
+            self._waiting.clear()
+            raise
 
     async def _commit(self, batch: Sequence[_Queued]) -> None:
         if len(batch) > 1:

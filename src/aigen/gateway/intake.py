@@ -19,8 +19,8 @@ so that no request waits out more than one batch's timeouts.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 
+from aigen.aio import Batcher
 from aigen.backend.job import service as job_service
 from aigen.bootstrap import Deps
 from aigen.db.errors import unreachable
@@ -34,20 +34,17 @@ Outcome = job_service.Accepted | AppError
 MAX_BATCH = 200
 
 
-class Intake:
+class Intake(Batcher[tuple[job_service.Candidate, "asyncio.Future[Outcome]"]]):
     """Accepts jobs in batches, one transaction at a time per process."""
 
     def __init__(self, deps: Deps, *, max_batch: int = MAX_BATCH) -> None:
+        super().__init__(max_batch=max_batch)
         self._deps = deps
-        self._max_batch = max_batch
-        self._waiting: list[tuple[job_service.Candidate, asyncio.Future[Outcome]]] = []
-        self._running: asyncio.Task[None] | None = None
 
     async def create(self, candidate: job_service.Candidate) -> job_service.Accepted:
         """Accept one job; returns once it is committed, or raises its refusal."""
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self._waiting.append((candidate, future))
-        self._start()
+        self._submit((candidate, future))
         try:
             outcome = await asyncio.shield(future)
         except asyncio.CancelledError:
@@ -61,21 +58,8 @@ class Intake:
             raise outcome
         return outcome
 
-    def _start(self) -> None:
-        running = self._running
-        loop = asyncio.get_running_loop()
-        if running is None or running.done() or running.get_loop() is not loop:
-            self._running = loop.create_task(self._drain())
-
-    async def _drain(self) -> None:
-        # Runs while jobs wait and ends when none do; the next `create` starts it again.
-        while self._waiting:
-            batch = self._waiting[: self._max_batch]
-            del self._waiting[: self._max_batch]
-            await self._commit(batch)
-
-    async def _commit(
-        self, batch: Sequence[tuple[job_service.Candidate, asyncio.Future[Outcome]]]
+    async def _run_batch(
+        self, batch: list[tuple[job_service.Candidate, asyncio.Future[Outcome]]]
     ) -> None:
         try:
             async with unit_of_work(self._deps.sessionmaker) as session:

@@ -101,7 +101,7 @@ class Dispatcher:
         self._reserved = 0
         self._running = False
         # The attempts that end together are recorded in one transaction.
-        self._settlements: GroupCommit[tuple[str, str, datetime | None]] = GroupCommit(sessionmaker)
+        self._settlements = GroupCommit(sessionmaker)
 
     def wake(self) -> None:
         """New deliveries are due (enqueued in this process): claim now, not at the poll."""

@@ -55,7 +55,7 @@ def make_handler(
     out and a later claim makes the attempt. The events that arrive together share one
     transaction (`GroupCommit`).
     """
-    group: GroupCommit[Enqueued | None] = GroupCommit(sessionmaker)
+    group = GroupCommit(sessionmaker)
 
     async def handle(envelope: Envelope) -> None:
         reserved = 0

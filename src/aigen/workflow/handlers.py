@@ -71,7 +71,7 @@ class Workflow:
         self._store = store
         self._settings = settings
         # The claims, and the announcements, of the jobs in hand share transactions.
-        self._group: GroupCommit[Any] = GroupCommit(sessionmaker)
+        self._group = GroupCommit(sessionmaker)
 
     async def handle(self, envelope: Envelope) -> None:
         message = envelope.message()
