@@ -85,11 +85,13 @@ async def test_a_rollback_publishes_nothing(sessionmaker: Sessionmaker) -> None:
         assert broker.published == []
 
 
+# NOTIFY is PostgreSQL's (SQLite has one process, whose relays are woken in memory).
+@pytest.mark.parametrize(
+    "database_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+)
 async def test_a_relay_listens_again_after_losing_its_connection(
     sessionmaker: Sessionmaker, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if database_url.startswith("sqlite"):
-        pytest.skip("NOTIFY is PostgreSQL's; SQLite wakes relays in memory")
     # Only a notice can wake the relay once it listens: its poll is an hour.
     monkeypatch.setattr(outbox, "LISTENING_POLL_SECONDS", NEVER)
     engine = create_engine(database_url)
