@@ -90,15 +90,14 @@ async def test_a_rollback_publishes_nothing(sessionmaker: Sessionmaker) -> None:
     "database_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
 )
 async def test_a_relay_listens_again_after_losing_its_connection(
-    sessionmaker: Sessionmaker, database_url: str, monkeypatch: pytest.MonkeyPatch
+    sessionmaker: Sessionmaker, database_url: str
 ) -> None:
-    # Only a notice can wake the relay once it listens: its poll is an hour.
-    monkeypatch.setattr(outbox, "LISTENING_POLL_SECONDS", NEVER)
     engine = create_engine(database_url)
     broker = RecordingBroker()
     try:
         relay_sessions = create_sessionmaker(engine)
-        relay = outbox.Relay(relay_sessions, broker, poll_interval=0.01)  # type: ignore[arg-type]
+        # Only a notice can wake the relay: its poll is an hour.
+        relay = outbox.Relay(relay_sessions, broker, poll_interval=NEVER)  # type: ignore[arg-type]
         stop = asyncio.Event()
         running = asyncio.create_task(relay.run(stop))
         try:

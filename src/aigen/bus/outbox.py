@@ -45,8 +45,10 @@ _NOTIFY = "aigen.outbox.notify"
 # Relays running in this process, woken when a transaction that added rows commits.
 _running: weakref.WeakSet[Relay] = weakref.WeakSet()
 MAX_GAP_SECONDS = 0.005
-# How often a relay that listens for notices polls all the same.
+# How often a relay that listens for notices polls all the same; how soon one that
+# could not listen, or lost its listening connection, tries again.
 LISTENING_POLL_SECONDS = 1.0
+LISTEN_RETRY_SECONDS = 5.0
 
 
 def add(session: AsyncSession, message: Message, *, traceparent: str | None = None) -> Envelope:
@@ -162,18 +164,24 @@ class Relay:
 
     async def run(self, stop: asyncio.Event) -> None:
         _running.add(self)
-        listener = await self._listen()
+        dsn = self._listen_dsn()
+        listener = await self._listen(dsn) if dsn else None
+        # A connection lost is replaced at once; a failed try is repeated a while later.
+        listen_again_at = time.monotonic() + (LISTEN_RETRY_SECONDS if listener is None else 0)
         try:
             while not stop.is_set():
                 started = time.monotonic()
-                if listener is not None and listener.is_closed():
-                    # The server closed it (a restart, say): listen again once it is back,
-                    # and poll at the short interval meanwhile.
-                    listener = await self._listen()
+                lost = listener is None or listener.is_closed()
+                if dsn and lost and started >= listen_again_at:
+                    # Never listened, or the server closed the connection (a restart, say):
+                    # listen again, and meanwhile poll at the short interval.
+                    listener = await self._listen(dsn)
+                    if listener is None:
+                        listen_again_at = started + LISTEN_RETRY_SECONDS
                 # With PostgreSQL's notices every commit wakes the relay: the poll is then
                 # only the net for a lost notice, and need not run 20 times a second.
                 poll = self._poll_interval
-                if listener is not None:
+                if listener is not None and not listener.is_closed():
                     poll = max(poll, LISTENING_POLL_SECONDS)
                 try:
                     sent = await self.run_once()
@@ -193,12 +201,15 @@ class Relay:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(listener.close(), 5)
 
-    async def _listen(self) -> Any:
-        """`LISTEN aigen_outbox` on a connection of its own (PostgreSQL with asyncpg only)."""
+    def _listen_dsn(self) -> str | None:
+        """Where to `LISTEN` (PostgreSQL with asyncpg only), or None."""
         url = getattr(self._sessionmaker.kw.get("bind"), "url", None)
         if url is None or url.drivername != "postgresql+asyncpg":
             return None
-        dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        return str(url.set(drivername="postgresql").render_as_string(hide_password=False))
+
+    async def _listen(self, dsn: str) -> Any:
+        """`LISTEN aigen_outbox` on a connection of its own; None when that fails."""
         try:
             connection = await asyncio.wait_for(asyncpg.connect(dsn), 10)
             await connection.add_listener(CHANNEL, lambda *_: self.wake())
