@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
+from typing import Any
 
 import structlog
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from aigen.aio import sleep_or_stop
 from aigen.clock import utcnow
@@ -37,22 +40,18 @@ PURGE_EVERY_SECONDS = 300.0
 
 async def expire_overdue(sessionmaker: Sessionmaker, *, batch: int = BATCH) -> int:
     """Expire (and refund) pending jobs past their deadline; returns how many."""
-    async with sessionmaker() as session:
-        overdue = (
-            await session.scalars(
-                select(Job.id)
-                .where(Job.status == PENDING, Job.deadline_at <= utcnow())
-                .order_by(Job.deadline_at)
-                .limit(batch)
-            )
-        ).all()
-    expired = 0
-    for job_id in overdue:
-        # One transaction per job: a long batch would hold the ledger rows of many accounts.
-        async with unit_of_work(sessionmaker) as session:
-            job = await session.get(Job, job_id)
-            if job is not None and await job_service.expire(session, job) is not None:
-                expired += 1
+
+    async def expire(session: AsyncSession, job: Job) -> bool:
+        return await job_service.expire(session, job) is not None
+
+    overdue = await _oldest(
+        sessionmaker,
+        Job.deadline_at,
+        Job.status == PENDING,
+        Job.deadline_at <= utcnow(),
+        batch=batch,
+    )
+    expired = await _each_alone(sessionmaker, overdue, expire)
     if expired:
         log.info("sweeper.expired", jobs=expired)
     return expired
@@ -61,26 +60,47 @@ async def expire_overdue(sessionmaker: Sessionmaker, *, batch: int = BATCH) -> i
 async def fail_lost(sessionmaker: Sessionmaker, *, older_than: float, batch: int = BATCH) -> int:
     """Fail (and refund) processing jobs untouched for `older_than` seconds; how many."""
     cutoff = utcnow() - timedelta(seconds=older_than)
+
+    async def fail(session: AsyncSession, job: Job) -> bool:
+        # Checked again in this transaction: a worker may have just come back to it.
+        if job.status != PROCESSING or job.updated_at >= cutoff:
+            return False
+        if await job_service.fail_lost(session, job) is None:
+            return False
+        log.warning("sweeper.lost", job_id=job.id, attempt=job.attempt)
+        return True
+
+    lost = await _oldest(
+        sessionmaker, Job.updated_at, Job.status == PROCESSING, Job.updated_at < cutoff, batch=batch
+    )
+    return await _each_alone(sessionmaker, lost, fail)
+
+
+async def _oldest(
+    sessionmaker: Sessionmaker, by: Any, *conditions: Any, batch: int
+) -> Sequence[str]:
+    """The ids of at most `batch` jobs that meet `conditions`, the oldest `by` first."""
     async with sessionmaker() as session:
-        lost = (
-            await session.scalars(
-                select(Job.id)
-                .where(Job.status == PROCESSING, Job.updated_at < cutoff)
-                .order_by(Job.updated_at)
-                .limit(batch)
-            )
-        ).all()
-    failed = 0
-    for job_id in lost:
+        statement = select(Job.id).where(*conditions).order_by(by).limit(batch)
+        return (await session.scalars(statement)).all()
+
+
+async def _each_alone(
+    sessionmaker: Sessionmaker,
+    job_ids: Sequence[str],
+    act: Callable[[AsyncSession, Job], Awaitable[bool]],
+) -> int:
+    """`act` on each job in a transaction of its own; returns how many it acted on.
+
+    One transaction per job: a long batch would hold the ledger rows of many accounts.
+    """
+    done = 0
+    for job_id in job_ids:
         async with unit_of_work(sessionmaker) as session:
             job = await session.get(Job, job_id)
-            # Checked again in this transaction: a worker may have just come back to it.
-            if job is None or job.status != PROCESSING or job.updated_at >= cutoff:
-                continue
-            if await job_service.fail_lost(session, job) is not None:
-                failed += 1
-                log.warning("sweeper.lost", job_id=job_id, attempt=job.attempt)
-    return failed
+            if job is not None and await act(session, job):
+                done += 1
+    return done
 
 
 async def purge_idempotency_keys(sessionmaker: Sessionmaker) -> int:
