@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+from sqlalchemy import bindparam, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aigen.clock import utcnow
+from aigen.db.base import table
 from aigen.db.session import is_postgres
 from aigen.models import InboxMessage
+
+_TABLE = table(InboxMessage)
+# Built once, with bound parameters: every consumer runs this for every event, and
+# building the statement anew (and its cache key) cost twice what executing it does.
+_RECORD = {
+    postgres: insert(_TABLE)
+    .on_conflict_do_nothing(index_elements=["consumer", "event_id"])
+    .returning(_TABLE.c.event_id)
+    for postgres, insert in ((True, pg_insert), (False, sqlite_insert))
+}
+_SEEN = select(_TABLE.c.event_id).where(
+    _TABLE.c.consumer == bindparam("consumer"), _TABLE.c.event_id == bindparam("event_id")
+)
 
 
 async def first_time(session: AsyncSession, consumer: str, event_id: str) -> bool:
@@ -19,11 +34,14 @@ async def first_time(session: AsyncSession, consumer: str, event_id: str) -> boo
     that is still being applied by another transaction makes this one wait for it, and
     then find the row (False) if it committed, or insert it (True) if it rolled back.
     """
-    insert = pg_insert if is_postgres(session) else sqlite_insert
     inserted = await session.scalar(
-        insert(InboxMessage)
-        .values(consumer=consumer, event_id=event_id, processed_at=utcnow())
-        .on_conflict_do_nothing(index_elements=["consumer", "event_id"])
-        .returning(InboxMessage.event_id)
+        _RECORD[is_postgres(session)],
+        {"consumer": consumer, "event_id": event_id, "processed_at": utcnow()},
     )
     return inserted is not None
+
+
+async def seen(session: AsyncSession, consumer: str, event_id: str) -> bool:
+    """Whether the event was recorded already (committed), without recording it."""
+    found = await session.scalar(_SEEN, {"consumer": consumer, "event_id": event_id})
+    return found is not None

@@ -22,7 +22,7 @@ from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 import structlog
-from sqlalchemy import event, insert, select, update
+from sqlalchemy import bindparam, event, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import Pool
@@ -30,6 +30,7 @@ from sqlalchemy.util import await_only
 
 from aigen.aio import sleep_or_stop, wait_any
 from aigen.clock import utcnow
+from aigen.db.base import table
 from aigen.db.session import Sessionmaker, is_postgres, unit_of_work
 from aigen.models import OutboxMessage
 
@@ -63,8 +64,25 @@ async def add_many(session: AsyncSession, envelopes: Sequence[Envelope]) -> None
     """`add` for many events at once: one multi-row INSERT, at once (not at the flush)."""
     if not envelopes:
         return
-    await session.execute(insert(OutboxMessage), [_row(e) for e in envelopes])
+    await session.execute(_INSERT, [_row(e) for e in envelopes])
     session.info[_ADDED] = True
+
+
+# The statements of every event, built once with bound parameters (see `db.base.table`).
+_TABLE = table(OutboxMessage)
+_INSERT = insert(_TABLE)
+_UNSENT = (
+    select(_TABLE.c.id, _TABLE.c.body)
+    .where(_TABLE.c.sent_at.is_(None))
+    .order_by(_TABLE.c.id)
+    .limit(bindparam("batch"))
+)
+_UNSENT_SKIP_LOCKED = _UNSENT.with_for_update(skip_locked=True)
+_MARK_SENT = (
+    update(_TABLE)
+    .where(_TABLE.c.id.in_(bindparam("ids", expanding=True)))
+    .values(sent_at=bindparam("now"))
+)
 
 
 def _row(envelope: Envelope) -> dict[str, Any]:
@@ -138,16 +156,9 @@ class Relay:
     async def run_once(self) -> int:
         """Publish one batch; returns how many rows were sent."""
         async with unit_of_work(self._sessionmaker) as session:
-            statement = (
-                select(OutboxMessage.id, OutboxMessage.body)
-                .where(OutboxMessage.sent_at.is_(None))
-                .order_by(OutboxMessage.id)
-                .limit(self._batch)
-            )
-            if is_postgres(session):
-                # Several relays share the table: each takes rows nobody else holds.
-                statement = statement.with_for_update(skip_locked=True)
-            rows = (await session.execute(statement)).all()
+            # Several relays share the table (PostgreSQL): each takes rows nobody else holds.
+            statement = _UNSENT_SKIP_LOCKED if is_postgres(session) else _UNSENT
+            rows = (await session.execute(statement, {"batch": self._batch})).all()
             if not rows:
                 return 0
             envelopes = [Envelope.from_json(body) for _, body in rows]
@@ -156,9 +167,7 @@ class Relay:
             else:
                 await self._broker.publish(envelopes)
             await session.execute(
-                update(OutboxMessage)
-                .where(OutboxMessage.id.in_([row_id for row_id, _ in rows]))
-                .values(sent_at=utcnow())
+                _MARK_SENT, {"ids": [row_id for row_id, _ in rows], "now": utcnow()}
             )
         return len(rows)
 

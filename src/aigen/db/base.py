@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, DateTime, Integer, MetaData, TypeDecorator
+from sqlalchemy import BigInteger, DateTime, Integer, MetaData, Table, TypeDecorator
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase
 
@@ -46,3 +46,12 @@ class UTCDateTime(TypeDecorator[datetime]):
 class Model(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
     type_annotation_map = {datetime: UTCDateTime()}  # noqa: RUF012  (SQLAlchemy's own API)
+
+
+def table(model: type[Model]) -> Table:
+    """The model's table, for Core statements built once with bound parameters (the hot
+    ones: building a statement anew, with its cache key, costs about what executing it
+    does, and the ORM's unit of work more still)."""
+    mapped = model.__table__
+    assert isinstance(mapped, Table)
+    return mapped

@@ -29,10 +29,12 @@ from typing import Any, Self
 
 import httpx
 import structlog
+from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aigen.clock import utcnow
 from aigen.config import Settings
+from aigen.db.base import table
 from aigen.db.group import GroupCommit
 from aigen.db.session import Sessionmaker, unit_of_work
 from aigen.models import Account, WebhookAttempt, WebhookDelivery, WebhookEndpoint
@@ -53,6 +55,9 @@ MAX_PAYLOAD_BYTES = 20 * 1024
 IDLE_POLL_SECONDS = 1.0
 IDLE_POLL_FACTOR = 20
 RETRY_WAKE_MARGIN_SECONDS = 0.005
+
+# Built once (see `db.base.table`): every attempt writes one.
+_ADD_ATTEMPT = insert(table(WebhookAttempt))
 
 log = structlog.get_logger(__name__)
 
@@ -303,15 +308,16 @@ class Dispatcher:
         async def record(session: AsyncSession) -> tuple[str, str, datetime | None]:
             """The attempt's row and the delivery's new state: (planned, outcome, retry at)."""
             now = utcnow()
-            session.add(
-                WebhookAttempt(
-                    delivery_id=claim.id,
-                    attempted_at=attempted_at,
-                    status_code=result.status_code,
-                    latency_ms=result.latency_ms,
-                    response_body=result.response_body,
-                    error=result.error,
-                )
+            await session.execute(
+                _ADD_ATTEMPT,
+                {
+                    "delivery_id": claim.id,
+                    "attempted_at": attempted_at,
+                    "status_code": result.status_code,
+                    "latency_ms": result.latency_ms,
+                    "response_body": result.response_body,
+                    "error": result.error,
+                },
             )
             endpoint = None
             if message.endpoint_id is not None:

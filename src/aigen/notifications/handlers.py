@@ -8,8 +8,8 @@ The payload is built from the job as the backend recorded it, so the notifier wa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import structlog
@@ -48,8 +48,8 @@ def make_handler(
 ) -> Handler:
     """Turns a job's terminal event into webhook deliveries.
 
-    With the `dispatcher` of the same process, the deliveries it has room for are also
-    leased and prepared in this transaction and handed to it once committed: their first
+    With the `dispatcher` of the same process, the deliveries it has room for are made
+    leased, prepared in this transaction and handed to it once committed: their first
     attempt starts at once, without a claim and a second read. The rest wait for its
     next claim, which the commit wakes. A crash in between loses nothing: the lease runs
     out and a later claim makes the attempt. The events that arrive together share one
@@ -59,6 +59,13 @@ def make_handler(
 
     async def handle(envelope: Envelope) -> None:
         reserved = 0
+
+        def take(wanted: int) -> tuple[int, datetime]:
+            """The dispatcher's free slots for this event's deliveries (`service.Lease`)."""
+            nonlocal reserved
+            assert dispatcher is not None
+            reserved = dispatcher.reserve(wanted)
+            return reserved, dispatcher.lease_until(utcnow())
 
         async def enqueue(session: AsyncSession) -> Enqueued | None:
             nonlocal reserved
@@ -74,11 +81,16 @@ def make_handler(
                 return None
             if not await inbox.first_time(session, CONSUMER, envelope.id) or job is None:
                 return Enqueued(0, [])
-            created = await service.enqueue(session, job=job, event_type=EVENT_TYPES[job.status])
+            event_type = EVENT_TYPES[job.status]
+            created = await service.enqueue(
+                session, job=job, event_type=event_type, lease=take if dispatcher else None
+            )
             handed: list[tuple[repository.Claim, Prepared]] = []
-            if dispatcher is not None and created:
-                reserved = dispatcher.reserve(len(created))
-                handed = await _lease_and_prepare(session, dispatcher, created[:reserved])
+            if dispatcher is not None:
+                for delivery in created:
+                    if delivery.leased_until is not None:
+                        claim = repository.Claim(delivery.id, delivery.attempts)
+                        handed.append((claim, await dispatcher.prepare(session, delivery)))
             return Enqueued(len(created), handed)
 
         try:
@@ -104,16 +116,6 @@ class Enqueued:
 
     created: int
     handed: list[tuple[repository.Claim, Prepared]]
-
-
-async def _lease_and_prepare(
-    session: AsyncSession, dispatcher: Dispatcher, deliveries: Sequence[WebhookDelivery]
-) -> list[tuple[repository.Claim, Prepared]]:
-    claims = await repository.lease(
-        session, [d.id for d in deliveries], lease_until=dispatcher.lease_until(utcnow())
-    )
-    by_id = {d.id: d for d in deliveries}
-    return [(claim, await dispatcher.prepare(session, by_id[claim.id])) for claim in claims]
 
 
 def make_payload_builder(store: AssetStore, settings: Settings) -> Any:

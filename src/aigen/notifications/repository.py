@@ -9,14 +9,14 @@ it was redelivered), the late outcome is logged as an attempt but changes nothin
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from aigen.db.base import table
 from aigen.models import WebhookDelivery
 
 from .service import PENDING
@@ -57,40 +57,34 @@ async def claim_due(
     return [Claim(id=row.id, attempt=row.attempts + 1) for row in rows]
 
 
-async def lease(
-    session: AsyncSession, delivery_ids: Sequence[str], *, lease_until: datetime
-) -> list[Claim]:
-    """Lease deliveries created in this very transaction, as `claim_due` would (one
-    `UPDATE … RETURNING`), for a dispatcher in the same process to attempt at once."""
-    if not delivery_ids:
-        return []
-    rows = await session.execute(
-        update(WebhookDelivery)
-        .where(
-            WebhookDelivery.id.in_(delivery_ids),
-            WebhookDelivery.status == PENDING,
-            WebhookDelivery.leased_until.is_(None),
-        )
-        .values(leased_until=lease_until, attempts=WebhookDelivery.attempts + 1)
-        .returning(WebhookDelivery.id, WebhookDelivery.attempts)
-        .execution_options(synchronize_session=False)
-    )
-    return [Claim(id=row.id, attempt=row.attempts) for row in rows.all()]
-
-
 async def settle(session: AsyncSession, claim: Claim, **values: Any) -> bool:
     """Apply `values` to the claimed delivery unless it was claimed again since; True if applied."""
-    settled = await session.scalar(
-        update(WebhookDelivery)
-        .where(
-            WebhookDelivery.id == claim.id,
-            WebhookDelivery.attempts == claim.attempt,
-            WebhookDelivery.status == PENDING,
-        )
-        .values(leased_until=None, **values)
-        .returning(WebhookDelivery.id)
-    )
+    params = {f"new_{name}": value for name, value in values.items()}
+    params.update(delivery_id=claim.id, claimed_attempt=claim.attempt)
+    settled = await session.scalar(_settle_statement(tuple(values)), params)
     return settled is not None
+
+
+# Built once per set of columns (three: delivered, retry, failed): every attempt ends
+# with one (see `db.base.table`).
+_SETTLE: dict[tuple[str, ...], Any] = {}
+_DELIVERIES = table(WebhookDelivery)
+
+
+def _settle_statement(columns: tuple[str, ...]) -> Any:
+    statement = _SETTLE.get(columns)
+    if statement is None:
+        statement = _SETTLE[columns] = (
+            update(_DELIVERIES)
+            .where(
+                _DELIVERIES.c.id == bindparam("delivery_id"),
+                _DELIVERIES.c.attempts == bindparam("claimed_attempt"),
+                _DELIVERIES.c.status == PENDING,
+            )
+            .values(leased_until=None, **{name: bindparam(f"new_{name}") for name in columns})
+            .returning(_DELIVERIES.c.id)
+        )
+    return statement
 
 
 def disabled(now: datetime, reason: str) -> dict[str, Any]:

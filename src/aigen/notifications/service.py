@@ -8,15 +8,16 @@ Nothing here commits: the caller's unit of work does, together with its own chan
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aigen.clock import utcnow
+from aigen.db.session import is_postgres
 from aigen.errors import NotFound
 from aigen.ids import new_id
 from aigen.models import Job, WebhookDelivery, WebhookEndpoint
@@ -36,61 +37,73 @@ class WebhookDeliveryNotFound(NotFound):
     title = "Webhook delivery not found"
 
 
-async def enqueue(session: AsyncSession, *, job: Job, event_type: str) -> list[WebhookDelivery]:
+# How many of the deliveries about to be made to lease at once, and until when: the
+# dispatcher of the same process takes their first attempts (`handlers`).
+Lease = Callable[[int], tuple[int, datetime]]
+
+
+async def enqueue(
+    session: AsyncSession, *, job: Job, event_type: str, lease: Lease | None = None
+) -> list[WebhookDelivery]:
     """Create the deliveries of `event_type` for `job`; returns only the ones created now.
 
     Idempotent: a redelivered bus event calls this again and creates nothing, thanks to
     the unique (job, event type, target) and `INSERT … ON CONFLICT DO NOTHING`.
+    With `lease`, the first deliveries are made already leased, their first attempt
+    counted (as `repository.claim_due` leaves them): one statement, not two.
     """
     if event_type not in EVENT_TYPES:
         raise ValueError(f"unknown webhook event type {event_type!r}")
     now = utcnow()
-    rows: list[dict[str, Any]] = []
-
-    def add(target: str, url: str, endpoint_id: str | None) -> None:
-        rows.append(
-            {
-                "id": new_id("msg"),
-                "account_id": job.account_id,
-                "endpoint_id": endpoint_id,
-                "job_id": job.id,
-                "event_type": event_type,
-                "target": target,
-                "url": url,
-                "status": PENDING,
-                "attempts": 0,
-                "next_attempt_at": now,
-                "leased_until": None,
-                "created_at": now,
-                "delivered_at": None,
-            }
-        )
-
+    targets: list[tuple[str, str, str | None]] = []
     if job.webhook_url and _subscribed(job.webhook_events, event_type):
-        add(f"url:{job.webhook_url}", job.webhook_url, None)
-    endpoints = await session.scalars(
-        select(WebhookEndpoint)
-        .where(
-            WebhookEndpoint.account_id == job.account_id,
-            WebhookEndpoint.disabled_at.is_(None),
-        )
-        .order_by(WebhookEndpoint.id)
-    )
+        targets.append((f"url:{job.webhook_url}", job.webhook_url, None))
+    endpoints = await session.scalars(_ENABLED_ENDPOINTS, {"account_id": job.account_id})
     for endpoint in endpoints:
         if _subscribed(endpoint.events, event_type):
-            add(f"endpoint:{endpoint.id}", endpoint.url, endpoint.id)
-    if not rows:
+            targets.append((f"endpoint:{endpoint.id}", endpoint.url, endpoint.id))
+    if not targets:
         return []
-
-    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-    statement = (
-        insert(WebhookDelivery)
-        .on_conflict_do_nothing(index_elements=["job_id", "event_type", "target"])
-        .returning(WebhookDelivery)  # the rows made, as objects: no second read
-    )
-    created = (await session.scalars(statement, rows)).all()
+    leased, lease_until = lease(len(targets)) if lease is not None else (0, None)
+    rows = [
+        {
+            "id": new_id("msg"),
+            "account_id": job.account_id,
+            "endpoint_id": endpoint_id,
+            "job_id": job.id,
+            "event_type": event_type,
+            "target": target,
+            "url": url,
+            "status": PENDING,
+            "attempts": 1 if number < leased else 0,
+            "next_attempt_at": now,
+            "leased_until": lease_until if number < leased else None,
+            "created_at": now,
+            "delivered_at": None,
+        }
+        for number, (target, url, endpoint_id) in enumerate(targets)
+    ]
+    insert = _INSERT[is_postgres(session)]
+    created = (await session.scalars(insert, rows)).all()
     order = {row["id"]: index for index, row in enumerate(rows)}
     return sorted(created, key=lambda delivery: order[delivery.id])
+
+
+_ENABLED_ENDPOINTS = (
+    select(WebhookEndpoint)
+    .where(
+        WebhookEndpoint.account_id == bindparam("account_id"),
+        WebhookEndpoint.disabled_at.is_(None),
+    )
+    .order_by(WebhookEndpoint.id)
+)
+# Built once (see `db.base.table`); the rows made come back as objects: no second read.
+_INSERT = {
+    postgres: insert(WebhookDelivery)
+    .on_conflict_do_nothing(index_elements=["job_id", "event_type", "target"])
+    .returning(WebhookDelivery)
+    for postgres, insert in ((True, pg_insert), (False, sqlite_insert))
+}
 
 
 async def redeliver(

@@ -31,7 +31,7 @@ from aigen.bus.messages import (
 from aigen.config import Settings
 from aigen.db.group import GroupCommit
 from aigen.db.session import Sessionmaker, unit_of_work
-from aigen.models import InboxMessage, Job
+from aigen.models import Job
 from aigen.serving.base import (
     ProgressCallback,
     Provider,
@@ -205,7 +205,7 @@ class Workflow:
 
 
 async def _claim(session: AsyncSession, event_id: str, job_id: str) -> Job | None:
-    if await session.get(InboxMessage, (CONSUMER, event_id)) is not None:
+    if await inbox.seen(session, CONSUMER, event_id):
         return None  # announced before: a redelivery
     return await job_service.claim(session, job_id)
 
@@ -222,7 +222,7 @@ async def _announce(
     if not await job_service.is_running(session, job.id, job.attempt):
         log.info("workflow.result_discarded", job_id=job.id, reason="job no longer running")
         return False
-    outbox.add(session, event, traceparent=envelope.traceparent)
+    await outbox.add_many(session, [Envelope.wrap(event, traceparent=envelope.traceparent)])
     return True
 
 

@@ -13,11 +13,24 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from aigen.db.base import table
 from aigen.errors import NotFound, PaymentRequired
 from aigen.models import Account, CreditEntry, Job
+
+# The statements every job runs, built once with bound parameters (building them anew,
+# with their cache keys, cost about as much as executing them): Core, not the ORM's
+# unit of work, as nothing here needs the rows as objects.
+_ENTRIES = table(CreditEntry)
+_ACCOUNTS = table(Account)
+_ADD_ENTRIES = insert(_ENTRIES)
+_CHANGE_BALANCE = (
+    update(_ACCOUNTS)
+    .where(_ACCOUNTS.c.id == bindparam("b_account"))
+    .values(balance=_ACCOUNTS.c.balance + bindparam("b_delta"))
+)
 
 
 class InsufficientCreditsError(PaymentRequired):
@@ -106,7 +119,7 @@ async def hold_many(session: AsyncSession, holds: Sequence[Hold]) -> None:
     if not holds:
         return
     await session.execute(
-        insert(CreditEntry),
+        _ADD_ENTRIES,
         [
             {
                 "account_id": h.account_id,
@@ -121,13 +134,10 @@ async def hold_many(session: AsyncSession, holds: Sequence[Hold]) -> None:
     totals: dict[str, int] = {}
     for h in holds:
         totals[h.account_id] = totals.get(h.account_id, 0) + h.amount
-    for account_id, total in totals.items():
-        await session.execute(
-            update(Account)
-            .where(Account.id == account_id)
-            .values(balance=Account.balance - total)
-            .execution_options(synchronize_session=False)
-        )
+    await session.execute(
+        _CHANGE_BALANCE,
+        [{"b_account": account_id, "b_delta": -total} for account_id, total in totals.items()],
+    )
 
 
 async def release(session: AsyncSession, job: Job) -> None:
@@ -145,25 +155,29 @@ async def release(session: AsyncSession, job: Job) -> None:
 async def settle(session: AsyncSession, job: Job, *, price: int) -> int:
     """Release the hold and capture the actual price, capped at the hold; returns it.
 
-    Two ledger rows, one balance update (by their sum), one flush for both rows.
+    One balance update (by their sum), then the two ledger rows in one statement.
     """
     charged = max(0, min(price, job.credits_reserved))
     entries = [(job.credits_reserved, "release")] + ([(-charged, "capture")] if charged else [])
-    session.add_all(
-        CreditEntry(
-            account_id=job.account_id, job_id=job.id, kind=kind, amount=amount, model=job.model
-        )
-        for amount, kind in entries
-    )
     result = await session.execute(
-        update(Account)
-        .where(Account.id == job.account_id)
-        .values(balance=Account.balance + (job.credits_reserved - charged))
-        .execution_options(synchronize_session=False)
+        _CHANGE_BALANCE,
+        {"b_account": job.account_id, "b_delta": job.credits_reserved - charged},
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         raise AccountNotFoundError(f"no account {job.account_id}")
-    await session.flush()
+    await session.execute(
+        _ADD_ENTRIES,
+        [
+            {
+                "account_id": job.account_id,
+                "job_id": job.id,
+                "kind": kind,
+                "amount": amount,
+                "model": job.model,
+            }
+            for amount, kind in entries
+        ],
+    )
     return charged
 
 

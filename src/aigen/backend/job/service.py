@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, insert, literal, or_, select, update
+from sqlalchemy import bindparam, func, insert, null, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.attributes import set_committed_value
 
 from aigen.backend.billing import service as billing
 from aigen.backend.idempotency import service as idempotency
@@ -28,7 +29,7 @@ from aigen.bus.messages import (
     Envelope,
 )
 from aigen.clock import utcnow
-from aigen.db.base import UTCDateTime
+from aigen.db.base import UTCDateTime, table
 from aigen.db.session import is_postgres
 from aigen.errors import AppError, Conflict, NotFound, RateLimited
 from aigen.ids import new_id
@@ -43,6 +44,8 @@ from aigen.models.job import (
     PROCESSING,
     TERMINAL,
 )
+
+_JOBS = table(Job)
 
 
 class JobNotFoundError(NotFound):
@@ -246,9 +249,11 @@ async def get(session: AsyncSession, job_id: str, *, account_id: str | None = No
     return job
 
 
+_ASSETS_OF = select(Asset).where(Asset.job_id == bindparam("job_id")).order_by(Asset.index)
+
+
 async def assets_of(session: AsyncSession, job_id: str) -> list[Asset]:
-    statement = select(Asset).where(Asset.job_id == job_id).order_by(Asset.index)
-    return list((await session.scalars(statement)).all())
+    return list((await session.scalars(_ASSETS_OF, {"job_id": job_id})).all())
 
 
 async def list_for(
@@ -296,23 +301,53 @@ async def _transition(
     now = utcnow()
     changes: dict[str, Any] = {"status": target, "updated_at": now, f"{target}_at": now}
     changes.update(values or {})
-    conditions = [Job.id == job_id, Job.status.in_(source)]
+    statement = _transition_statement(tuple(source), attempt is not None, changes)
+    params = {f"new_{name}": value for name, value in changes.items() if value is not None}
+    params["job_id"] = job_id
     if attempt is not None:
-        conditions.append(Job.attempt == attempt)
-    return await _update_returning(session, conditions, changes)
+        params["fence_attempt"] = attempt
+    return await _update_returning(session, statement, params)
+
+
+# The compare-and-set statements, built once per shape (sources, the columns set, which
+# of them to NULL): the consumers run one per job, and building the statement anew
+# (and its cache key) cost about as much as executing it.
+_TRANSITIONS: dict[tuple[Any, ...], Any] = {}
+
+
+def _transition_statement(source: tuple[str, ...], fenced: bool, changes: dict[str, Any]) -> Any:
+    shape = (source, fenced, tuple((name, value is None) for name, value in changes.items()))
+    statement = _TRANSITIONS.get(shape)
+    if statement is None:
+        conditions = [Job.id == bindparam("job_id"), Job.status.in_(source)]
+        if fenced:
+            conditions.append(Job.attempt == bindparam("fence_attempt"))
+        statement = _returning_job(
+            update(Job)
+            .where(*conditions)
+            .values(
+                {
+                    # A None is SQL NULL, as a literal: bound, a JSON column would store 'null'.
+                    name: null() if value is None else bindparam(f"new_{name}")
+                    for name, value in changes.items()
+                }
+            )
+        )
+        _TRANSITIONS[shape] = statement
+    return statement
+
+
+def _returning_job(statement: Any) -> Any:
+    return statement.returning(Job).execution_options(
+        synchronize_session=False, populate_existing=True
+    )
 
 
 async def _update_returning(
-    session: AsyncSession, conditions: Sequence[Any], changes: dict[str, Any]
+    session: AsyncSession, statement: Any, params: dict[str, Any]
 ) -> Job | None:
     """One `UPDATE … RETURNING`: the changed job as stored now, or None if none matched."""
-    result = await session.scalars(
-        update(Job)
-        .where(*conditions)
-        .values(**changes)
-        .returning(Job)
-        .execution_options(synchronize_session=False, populate_existing=True)
-    )
+    result = await session.scalars(statement, params)
     return result.one_or_none()
 
 
@@ -336,6 +371,23 @@ async def cancel(session: AsyncSession, job_id: str, *, account_id: str) -> Job:
     return canceled
 
 
+_NOW = bindparam("now", type_=UTCDateTime())
+_CLAIM = _returning_job(
+    update(Job)
+    .where(
+        Job.id == bindparam("job_id"),
+        Job.status.in_(ACTIVE),
+        or_(Job.status != PENDING, Job.deadline_at.is_(None), Job.deadline_at > _NOW),
+    )
+    .values(
+        status=PROCESSING,
+        attempt=Job.attempt + 1,
+        processing_at=func.coalesce(Job.processing_at, _NOW),
+        updated_at=_NOW,
+    )
+)
+
+
 async def claim(session: AsyncSession, job_id: str) -> Job | None:
     """The worker's claim: `pending|processing → processing` with the next attempt number.
 
@@ -343,22 +395,8 @@ async def claim(session: AsyncSession, job_id: str) -> Job | None:
     message lease (it died); the bumped attempt makes that holder's late result stale.
     A job whose deadline passed before it started is expired and refunded instead.
     """
-    now = utcnow()
     # The common case in one statement: an active job, not pending past its deadline.
-    claimed = await _update_returning(
-        session,
-        [
-            Job.id == job_id,
-            Job.status.in_(ACTIVE),
-            or_(Job.status != PENDING, Job.deadline_at.is_(None), Job.deadline_at > now),
-        ],
-        {
-            "status": PROCESSING,
-            "attempt": Job.attempt + 1,
-            "processing_at": func.coalesce(Job.processing_at, literal(now, UTCDateTime())),
-            "updated_at": now,
-        },
-    )
+    claimed = await _update_returning(session, _CLAIM, {"job_id": job_id, "now": utcnow()})
     if claimed is not None:
         return claimed
     job = await session.get(Job, job_id, populate_existing=True)
@@ -427,10 +465,14 @@ async def fail_lost(session: AsyncSession, job: Job) -> Job | None:
     return await fail(session, job, lost, source=[PROCESSING])
 
 
+# Built once, with bound parameters: the worker asks this of every job it runs.
+_STATUS_OF_ATTEMPT = select(_JOBS.c.status).where(
+    _JOBS.c.id == bindparam("job_id"), _JOBS.c.attempt == bindparam("attempt")
+)
+
+
 async def is_running(session: AsyncSession, job_id: str, attempt: int) -> bool:
-    status = await session.scalar(
-        select(Job.status).where(Job.id == job_id, Job.attempt == attempt)
-    )
+    status = await session.scalar(_STATUS_OF_ATTEMPT, {"job_id": job_id, "attempt": attempt})
     return status == PROCESSING
 
 
@@ -464,21 +506,35 @@ async def apply_completed(
     )
     if job is None:
         return None
-    for asset in message.assets:
-        session.add(
-            Asset(
-                job_id=job.id,
-                index=asset.index,
-                key=asset.key,
-                content_type=asset.content_type,
-                bytes=asset.bytes,
-                sha256=asset.sha256,
-            )
+    if message.assets:
+        await session.execute(
+            _ADD_ASSETS,
+            [
+                {
+                    "job_id": job.id,
+                    "index": asset.index,
+                    "key": asset.key,
+                    "content_type": asset.content_type,
+                    "bytes": asset.bytes,
+                    "sha256": asset.sha256,
+                }
+                for asset in message.assets
+            ],
         )
     charge = price(job) if callable(price) else price
-    job.credits_charged = await billing.settle(session, job, price=charge)
-    await session.flush()
+    charged = await billing.settle(session, job, price=charge)
+    await session.execute(_SET_CHARGED, {"job_id": job.id, "charged": charged})
+    # The object in hand as stored now, without a second UPDATE at the flush.
+    set_committed_value(job, "credits_charged", charged)
     return job
+
+
+_ADD_ASSETS = insert(table(Asset))
+_SET_CHARGED = (
+    update(_JOBS)
+    .where(_JOBS.c.id == bindparam("job_id"))
+    .values(credits_charged=bindparam("charged"))
+)
 
 
 async def apply_failed(
