@@ -97,13 +97,16 @@ async def lock_balances(session: AsyncSession, account_ids: Iterable[str]) -> di
     to be inserted by other transactions meanwhile. `FOR UPDATE` would also wait for
     those, and deadlock with a consumer that inserts them for several accounts at once.
     """
-    rows = await session.execute(
-        select(Account.id, Account.balance)
-        .where(Account.id.in_(sorted(set(account_ids))))
-        .order_by(Account.id)
-        .with_for_update(key_share=True)
-    )
+    rows = await session.execute(_LOCK_BALANCES, {"ids": sorted(set(account_ids))})
     return {account_id: int(balance) for account_id, balance in rows.all()}
+
+
+_LOCK_BALANCES = (
+    select(_ACCOUNTS.c.id, _ACCOUNTS.c.balance)
+    .where(_ACCOUNTS.c.id.in_(bindparam("ids", expanding=True)))
+    .order_by(_ACCOUNTS.c.id)
+    .with_for_update(key_share=True)
+)
 
 
 def short_of_credits(amount: int, balance: int) -> InsufficientCreditsError:

@@ -153,17 +153,8 @@ async def create_many(
     key_ids = sorted({s.principal.key_id for s in candidates})
     if is_postgres(session):
         # (SQLite already serialises writers: every transaction begins IMMEDIATE.)
-        await session.execute(
-            select(ApiKey.id)
-            .where(ApiKey.id.in_(key_ids))
-            .order_by(ApiKey.id)
-            .with_for_update(key_share=True)  # as `lock_balances`: inserts may go on
-        )
-    counts = await session.execute(
-        select(Job.api_key_id, func.count())
-        .where(Job.api_key_id.in_(key_ids), Job.status.in_(ACTIVE))
-        .group_by(Job.api_key_id)
-    )
+        await session.execute(_LOCK_KEYS, {"ids": key_ids})
+    counts = await session.execute(_ACTIVE_PER_KEY, {"ids": key_ids})
     active: dict[str, int] = {key_id: int(n) for key_id, n in counts.all()}
 
     outcomes: list[Accepted | AppError] = []
@@ -226,6 +217,19 @@ async def create_many(
     return outcomes
 
 
+# Built once with bound parameters (see `db.base.table`): every batch runs them.
+_KEYS = table(ApiKey)
+_LOCK_KEYS = (
+    select(_KEYS.c.id)
+    .where(_KEYS.c.id.in_(bindparam("ids", expanding=True)))
+    .order_by(_KEYS.c.id)
+    .with_for_update(key_share=True)  # as `lock_balances`: inserts may go on
+)
+_ACTIVE_PER_KEY = (
+    select(_JOBS.c.api_key_id, func.count())
+    .where(_JOBS.c.api_key_id.in_(bindparam("ids", expanding=True)), _JOBS.c.status.in_(ACTIVE))
+    .group_by(_JOBS.c.api_key_id)
+)
 _JOB_COLUMNS = tuple(attr.key for attr in Job.__mapper__.column_attrs)
 
 
