@@ -100,3 +100,28 @@ async def test_a_full_dispatcher_leaves_the_delivery_to_its_next_claim(
     assert len(receiver.requests) == 2
     assert sum(claims_made) == 1  # the second delivery, once the slot was free
     assert receiver.max_in_flight == 1
+
+
+async def test_an_event_that_makes_no_new_delivery_gives_its_slots_back(
+    sessionmaker: Sessionmaker, settings: Settings, receiver: WebhookReceiverDouble
+) -> None:
+    # A second event for a job (another id, so not a redelivery) whose deliveries exist
+    # already: the slots reserved for them must not stay taken.
+    dispatcher = Dispatcher(sessionmaker, settings, payload_builder=build_payload, concurrency=2)
+    handle = handlers.make_handler(sessionmaker, dispatcher=dispatcher)
+    stop = asyncio.Event()
+    running = asyncio.create_task(dispatcher.run(stop))
+    try:
+        await asyncio.sleep(0.2)
+        first = await completed_job(sessionmaker, receiver.url())
+        await handle(first)
+        await eventually(lambda: settled(sessionmaker))
+        await handle(Envelope.wrap(first.message()))
+        free = dispatcher.reserve(2)
+        dispatcher.unreserve(free)
+    finally:
+        stop.set()
+        await running
+
+    assert len(await load_deliveries(sessionmaker)) == 1
+    assert free == 2

@@ -101,7 +101,8 @@ def make_handler(
             raise
         if enqueued is None:
             raise Retry(wait_seconds, "job not yet terminal")
-        if dispatcher is not None and enqueued.created:
+        if dispatcher is not None:
+            # Also when none was made (they existed already): the reserved slots go back.
             dispatcher.hand(enqueued.handed, reserved=reserved)
             if len(enqueued.handed) < enqueued.created:
                 dispatcher.wake()  # the rest: at its next claim, now rather than at the poll
