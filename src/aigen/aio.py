@@ -55,5 +55,11 @@ class Batcher(Generic[Item]):
             del self._waiting[: self._max_batch]
             await self._run_batch(batch)
 
+    def _take_waiting(self) -> list[Item]:
+        """Every item queued behind the running batch, out of the queue: for a batch that
+        fails in a way that theirs would too (the database out of reach)."""
+        waiting, self._waiting = self._waiting, []
+        return waiting
+
     async def _run_batch(self, batch: list[Item]) -> None:
         raise NotImplementedError

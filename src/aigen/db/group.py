@@ -69,9 +69,8 @@ class GroupCommit(Batcher[_Queued]):
         try:
             await self._commit(batch)
         except BaseException:
-            for *_, future in [*batch, *self._waiting]:
+            for *_, future in [*batch, *self._take_waiting()]:
                 future.cancel()
-            self._waiting.clear()
             raise
 
     async def _commit(self, batch: Sequence[_Queued]) -> None:
@@ -106,9 +105,8 @@ class GroupCommit(Batcher[_Queued]):
     def _fail_all(self, batch: Sequence[_Queued], error: Exception) -> None:
         """The database is out of reach: those queued behind would wait out the same
         timeouts in turn, so they fail now too, as their own transactions would."""
-        for *_, future in [*batch, *self._waiting]:
+        for *_, future in [*batch, *self._take_waiting()]:
             _fail(future, error)
-        self._waiting.clear()
 
 
 def _fail(future: asyncio.Future[Any], error: BaseException) -> None:

@@ -69,8 +69,7 @@ class Intake(Batcher[tuple[job_service.Candidate, "asyncio.Future[Outcome]"]]):
                 # The jobs queued behind this batch would wait out the same timeouts one
                 # batch after another; they get the same 503 now, as their own
                 # transactions would have given them.
-                batch = [*batch, *self._waiting]
-                self._waiting.clear()
+                batch = [*batch, *self._take_waiting()]
             for _, future in batch:
                 if not future.done():
                     future.set_exception(error)
