@@ -9,6 +9,7 @@ it was redelivered), the late outcome is logged as an attempt but changes nothin
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -65,26 +66,23 @@ async def settle(session: AsyncSession, claim: Claim, **values: Any) -> bool:
     return settled is not None
 
 
-# Built once per set of columns (three: delivered, retry, failed): every attempt ends
-# with one (see `db.base.table`).
-_SETTLE: dict[tuple[str, ...], Any] = {}
 _DELIVERIES = table(WebhookDelivery)
 
 
+# Built once per set of columns (three: delivered, retry, failed): every attempt ends
+# with one (see `db.base.table`).
+@functools.cache
 def _settle_statement(columns: tuple[str, ...]) -> Any:
-    statement = _SETTLE.get(columns)
-    if statement is None:
-        statement = _SETTLE[columns] = (
-            update(_DELIVERIES)
-            .where(
-                _DELIVERIES.c.id == bindparam("delivery_id"),
-                _DELIVERIES.c.attempts == bindparam("claimed_attempt"),
-                _DELIVERIES.c.status == PENDING,
-            )
-            .values(leased_until=None, **{name: bindparam(f"new_{name}") for name in columns})
-            .returning(_DELIVERIES.c.id)
+    return (
+        update(_DELIVERIES)
+        .where(
+            _DELIVERIES.c.id == bindparam("delivery_id"),
+            _DELIVERIES.c.attempts == bindparam("claimed_attempt"),
+            _DELIVERIES.c.status == PENDING,
         )
-    return statement
+        .values(leased_until=None, **{name: bindparam(f"new_{name}") for name in columns})
+        .returning(_DELIVERIES.c.id)
+    )
 
 
 def disabled(now: datetime, reason: str) -> dict[str, Any]:

@@ -7,6 +7,7 @@ transaction as the transition that justifies it; events leave through the outbox
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -305,7 +306,8 @@ async def _transition(
     now = utcnow()
     changes: dict[str, Any] = {"status": target, "updated_at": now, f"{target}_at": now}
     changes.update(values or {})
-    statement = _transition_statement(tuple(source), attempt is not None, changes)
+    nulled = tuple((name, value is None) for name, value in changes.items())
+    statement = _transition_statement(tuple(source), attempt is not None, nulled)
     params = {f"new_{name}": value for name, value in changes.items() if value is not None}
     params["job_id"] = job_id
     if attempt is not None:
@@ -316,29 +318,24 @@ async def _transition(
 # The compare-and-set statements, built once per shape (sources, the columns set, which
 # of them to NULL): the consumers run one per job, and building the statement anew
 # (and its cache key) cost about as much as executing it.
-_TRANSITIONS: dict[tuple[Any, ...], Any] = {}
-
-
-def _transition_statement(source: tuple[str, ...], fenced: bool, changes: dict[str, Any]) -> Any:
-    shape = (source, fenced, tuple((name, value is None) for name, value in changes.items()))
-    statement = _TRANSITIONS.get(shape)
-    if statement is None:
-        conditions = [Job.id == bindparam("job_id"), Job.status.in_(source)]
-        if fenced:
-            conditions.append(Job.attempt == bindparam("fence_attempt"))
-        statement = _returning_job(
-            update(Job)
-            .where(*conditions)
-            .values(
-                {
-                    # A None is SQL NULL, as a literal: bound, a JSON column would store 'null'.
-                    name: null() if value is None else bindparam(f"new_{name}")
-                    for name, value in changes.items()
-                }
-            )
+@functools.cache
+def _transition_statement(
+    source: tuple[str, ...], fenced: bool, nulled: tuple[tuple[str, bool], ...]
+) -> Any:
+    conditions = [Job.id == bindparam("job_id"), Job.status.in_(source)]
+    if fenced:
+        conditions.append(Job.attempt == bindparam("fence_attempt"))
+    return _returning_job(
+        update(Job)
+        .where(*conditions)
+        .values(
+            {
+                # A None is SQL NULL, as a literal: bound, a JSON column would store 'null'.
+                name: null() if is_null else bindparam(f"new_{name}")
+                for name, is_null in nulled
+            }
         )
-        _TRANSITIONS[shape] = statement
-    return statement
+    )
 
 
 def _returning_job(statement: Any) -> Any:
