@@ -195,3 +195,14 @@ class TestRetryAfterFailure:
             assert await idempotency_service.purge_expired(session) == 0
             later = utcnow() + timedelta(hours=24, seconds=1)
             assert await idempotency_service.purge_expired(session, now=later) == 1
+
+
+async def test_openapi_documents_the_optional_headers(api: Api) -> None:
+    # The route reads them from the request itself; the document must still show them.
+    async with api.client() as client:
+        document = (await client.get("/openapi.json")).json()
+    parameters = document["paths"]["/v1/generate"]["post"]["parameters"]
+    by_name = {p["name"]: p for p in parameters}
+    assert set(by_name) == {"Idempotency-Key", "Prefer"}
+    assert all(p["in"] == "header" and not p["required"] for p in parameters)
+    assert "replays the first answer" in by_name["Idempotency-Key"]["description"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
@@ -109,7 +109,12 @@ class Envelope:
 
     @classmethod
     def wrap(cls, message: Message, *, traceparent: str | None = None) -> Envelope:
-        return cls(type=type(message).__name__, data=asdict(message), traceparent=traceparent)
+        # Shallow: the fields are JSON-shaped already and never changed once sent, and
+        # `asdict`'s deep copy of a job's input was 2–3 % of the accept path's CPU.
+        data = {f.name: getattr(message, f.name) for f in fields(message)}
+        if isinstance(message, AIGenerationJobCompleted):
+            data["assets"] = [asdict(asset) for asset in message.assets]
+        return cls(type=type(message).__name__, data=data, traceparent=traceparent)
 
     def message(self) -> Message:
         kind = _TYPES[self.type]

@@ -13,13 +13,16 @@ Layout, under `prefix` (default `aigen:`):
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import structlog
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
+from aigen.aio import Batcher
 from aigen.errors import ServiceUnavailable
 
 from . import windows
@@ -122,7 +125,7 @@ class RedisLimiter:
         self._client = client
         self._prefix = prefix
         self._clock = clock
-        self._admit = client.register_script(ADMIT)
+        self._admit = _Pipelined(client, ADMIT)
         self._give_back = client.register_script(GIVE_BACK)
 
     @classmethod
@@ -154,7 +157,7 @@ class RedisLimiter:
         if reservation is not None:
             keys.append(self._key(key, f"res:{reservation}"))
         try:
-            reply = await self._admit(keys=keys, args=args)
+            reply = await self._admit.call(keys, args)
         except RedisError as error:
             log.warning("limiter.unavailable", error=repr(error))
             raise LimiterUnavailableError(
@@ -193,3 +196,61 @@ class RedisLimiter:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+Call = tuple[list[str], list[str | int], "asyncio.Future[Any]"]
+
+
+class _Pipelined(Batcher[Call]):
+    """One script's calls: those that arrive while a round trip runs go together in the
+    next, one pipeline (not a transaction: each call is atomic on its own, as alone).
+
+    Measured alone with 32 callers, a call cost 53–55 µs of the API's CPU by itself and
+    19 µs in a pipeline of 32; it is the accept path's one Redis call per request.
+    """
+
+    def __init__(self, client: Redis, script: str, *, max_batch: int = 256) -> None:
+        super().__init__(max_batch=max_batch)
+        self._client = client
+        self._script = client.register_script(script)
+
+    async def call(self, keys: list[str], args: list[str | int]) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._submit((keys, args, future))
+        return await future
+
+    async def _run_batch(self, batch: list[Call]) -> None:
+        try:
+            replies = await self._send([(keys, args) for keys, args, _ in batch])
+        except BaseException as error:
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            if not isinstance(error, Exception):
+                raise
+            return
+        for (_, _, future), reply in zip(batch, replies, strict=True):
+            if future.done():
+                continue  # its caller is gone (cancelled)
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+    async def _send(self, calls: list[tuple[list[str], list[str | int]]]) -> list[Any]:
+        replies: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for _ in range(2):
+            pipe = self._client.pipeline(transaction=False)
+            for i in todo:
+                keys, args = calls[i]
+                pipe.evalsha(self._script.sha, len(keys), *keys, *args)
+            for i, reply in zip(todo, await pipe.execute(raise_on_error=False), strict=True):
+                replies[i] = reply
+            # The server lost its scripts (a restart, SCRIPT FLUSH): load it and send
+            # again only what did not run.
+            todo = [i for i in todo if isinstance(replies[i], NoScriptError)]
+            if not todo:
+                break
+            await self._client.script_load(self._script.script)
+        return replies

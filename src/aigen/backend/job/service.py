@@ -192,7 +192,7 @@ async def create_many(
         outcomes.append(Accepted(job, count))
 
     if accepted:
-        await session.execute(insert(Job), [_columns(s.job) for s in accepted])
+        await session.execute(_INSERT_JOBS, [_columns(s.job) for s in accepted])
         await outbox.add_many(
             session,
             [
@@ -231,11 +231,23 @@ _ACTIVE_PER_KEY = (
     .where(_JOBS.c.api_key_id.in_(bindparam("ids", expanding=True)), _JOBS.c.status.in_(ACTIVE))
     .group_by(_JOBS.c.api_key_id)
 )
-_JOB_COLUMNS = tuple(attr.key for attr in Job.__mapper__.column_attrs)
+# A new job's columns (what `new_row` sets; the others start NULL), attribute → column.
+# In Core: the ORM's bulk INSERT of the same rows cost 5 % of the accept path's CPU.
+_NEW_JOB_COLUMNS = {
+    attr.key: attr.columns[0].key
+    for attr in Job.__mapper__.column_attrs
+    if attr.key
+    in {
+        *("id", "account_id", "api_key_id", "model", "task", "input", "status", "attempt"),
+        *("webhook_url", "webhook_events", "meta", "credits_reserved", "deadline_at"),
+        *("created_at", "updated_at"),
+    }
+}
+_INSERT_JOBS = insert(_JOBS)
 
 
 def _columns(job: Job) -> dict[str, Any]:
-    return {key: getattr(job, key) for key in _JOB_COLUMNS}
+    return {column: getattr(job, key) for key, column in _NEW_JOB_COLUMNS.items()}
 
 
 def _over_concurrency(principal: Principal) -> ConcurrencyLimitError:
