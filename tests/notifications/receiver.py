@@ -3,7 +3,9 @@
 Each path has a queue of `Answer`s (status, headers, body, a delay before answering);
 when a path's queue is empty the default answer (200) is given. Every request is kept,
 in order, with the time it arrived. Pass an `ssl.SSLContext` to serve HTTPS; the TLS
-server names (SNI) the clients asked for are kept in `sni_names`.
+server names (SNI) the clients asked for are kept in `sni_names`. It answers one request
+per connection, unless `keep_alive_seconds` is given: then a connection is kept for more,
+and closed after that long idle, without notice, as servers do.
 """
 
 from __future__ import annotations
@@ -50,10 +52,17 @@ class ReceivedRequest:
 
 
 class WebhookReceiverDouble:
-    """A scriptable webhook receiver on a free loopback port; one request per connection."""
+    """A scriptable webhook receiver on a free loopback port."""
 
-    def __init__(self, *, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        keep_alive_seconds: float | None = None,
+    ) -> None:
         self.requests: list[ReceivedRequest] = []
+        self.connections = 0  # connections accepted
+        self._keep_alive = keep_alive_seconds
         self.sni_names: list[str | None] = []
         self.max_in_flight = 0  # most requests held open at once (arrived, not yet answered)
         self._in_flight = 0
@@ -113,8 +122,21 @@ class WebhookReceiverDouble:
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
+        self.connections += 1
         try:
-            await self._serve_one(reader, writer)
+            conn = h11.Connection(h11.SERVER)
+            await self._serve_one(conn, reader, writer)
+            while self._keep_alive is not None and conn.our_state is h11.DONE:
+                conn.start_next_cycle()
+                try:
+                    async with asyncio.timeout(self._keep_alive):
+                        data = await reader.read(65536)
+                except TimeoutError:
+                    return  # idle too long: closed without a word
+                if not data:
+                    return
+                conn.receive_data(data)
+                await self._serve_one(conn, reader, writer)
         except (ConnectionError, ssl.SSLError, h11.ProtocolError, asyncio.IncompleteReadError):
             pass  # the client went away (timeout, or it read all it wanted)
         finally:
@@ -123,8 +145,9 @@ class WebhookReceiverDouble:
             with contextlib.suppress(ConnectionError, ssl.SSLError, asyncio.CancelledError):
                 await writer.wait_closed()
 
-    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = h11.Connection(h11.SERVER)
+    async def _serve_one(
+        self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         request: h11.Request | None = None
         body = bytearray()
         while True:
@@ -163,7 +186,7 @@ class WebhookReceiverDouble:
         response_headers = [
             *answer.headers.items(),
             ("content-length", str(len(answer.body))),
-            ("connection", "close"),
+            *([("connection", "close")] if self._keep_alive is None else []),
         ]
         writer.write(conn.send(h11.Response(status_code=answer.status, headers=response_headers)))
         writer.write(conn.send(h11.Data(data=answer.body)))

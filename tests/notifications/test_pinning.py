@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import ssl
 from collections.abc import AsyncIterator, Sequence
@@ -108,3 +109,106 @@ class TestPinnedRequest:
             with pytest.raises(httpx.ConnectError, match=r"certificate|hostname"):
                 await client.send(pinned_request(client, checked, content=b"{}"))
         assert receiver.requests == []
+
+
+def two_names(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate valid for both `hooks.test` and `other.test`."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "hooks.test")])
+    now = utcnow()
+    names = [x509.DNSName("hooks.test"), x509.DNSName("other.test")]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "both.pem", tmp_path / "both-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+class TestKeptConnections:
+    """Attempts reuse connections, but only within one host name (`sender.Clients`)."""
+
+    async def post(
+        self, clients: sender.Clients, url: str, settings: Settings
+    ) -> sender.AttemptResult:
+        return await sender.post(
+            clients.for_url(url), url, settings=settings, headers={}, body=b"{}",
+            resolver=loopback_resolver,
+        )  # fmt: skip
+
+    async def test_one_host_name_reuses_its_connection(self, settings: Settings) -> None:
+        clients = sender.Clients(lambda: sender.default_http_client(settings))
+        async with WebhookReceiverDouble(keep_alive_seconds=5) as receiver:
+            for _ in range(3):
+                result = await self.post(clients, receiver.url(host="hooks.test"), settings)
+                assert result.ok, result
+            await clients.aclose()
+        assert len(receiver.requests) == 3
+        assert receiver.connections == 1
+
+    async def test_names_on_one_address_never_share_a_tls_session(
+        self, settings: Settings, tmp_path: Path
+    ) -> None:
+        cert, key = two_names(tmp_path)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert, key)
+        trust = ssl.create_default_context(cafile=str(cert))
+        clients = sender.Clients(lambda: httpx.AsyncClient(verify=trust, trust_env=False))
+        async with WebhookReceiverDouble(ssl_context=context, keep_alive_seconds=5) as receiver:
+            for host in ("hooks.test", "other.test", "hooks.test", "other.test"):
+                result = await self.post(clients, receiver.url(host=host), settings)
+                assert result.ok, result
+            await clients.aclose()
+        # Both names resolve to 127.0.0.1: each still got its own connection, its own
+        # TLS handshake for its own name, and kept it.
+        assert receiver.sni_names == ["hooks.test", "other.test"]
+        assert receiver.connections == 2
+        hosts = [r.headers["host"].partition(":")[0] for r in receiver.requests]
+        assert hosts == ["hooks.test", "other.test", "hooks.test", "other.test"]
+
+    async def test_a_connection_the_server_dropped_is_not_reused(self, settings: Settings) -> None:
+        clients = sender.Clients(lambda: sender.default_http_client(settings))
+        async with WebhookReceiverDouble(keep_alive_seconds=0.05) as receiver:
+            assert (await self.post(clients, receiver.url(host="hooks.test"), settings)).ok
+            await asyncio.sleep(0.3)  # the server has closed it meanwhile
+            result = await self.post(clients, receiver.url(host="hooks.test"), settings)
+            await clients.aclose()
+        assert result.ok, result
+        assert receiver.connections == 2
+
+    async def test_the_least_recently_used_origin_is_closed_later(self, settings: Settings) -> None:
+        made: list[httpx.AsyncClient] = []
+
+        def factory() -> httpx.AsyncClient:
+            made.append(sender.default_http_client(settings))
+            return made[-1]
+
+        clients = sender.Clients(factory, max_clients=2, linger_seconds=0.05)
+        first = clients.for_url("http://a.test/hook")
+        assert clients.for_url("http://A.TEST/other?x=1") is first  # one origin
+        second = clients.for_url("http://b.test/hook")
+        assert clients.for_url("http://a.test/again") is first  # now the most recent
+        clients.for_url("https://a.test/hook")  # a third origin pushes out b.test
+        assert len(made) == 3
+        assert not second.is_closed  # an attempt may still be using it
+        await asyncio.sleep(0.2)
+        assert second.is_closed
+        assert not first.is_closed
+        await clients.aclose()
+        assert all(client.is_closed for client in made)

@@ -94,12 +94,14 @@ class Dispatcher:
         self._sessionmaker = sessionmaker
         self._settings = settings
         self._payload_builder = payload_builder
-        self._client_factory = http_client_factory or (lambda: sender.default_http_client(settings))
+        self._clients = sender.Clients(
+            http_client_factory or (lambda: sender.default_http_client(settings)),
+            linger_seconds=settings.webhook_timeout_seconds + 1,
+        )
         self._concurrency = concurrency
         self._https_only = https_only
         self._resolver = resolver
         self._rng = rng
-        self._client: httpx.AsyncClient | None = None
         self._wakeup = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
         # Slots promised to deliveries being handed over (`reserve`, then `hand`).
@@ -124,10 +126,8 @@ class Dispatcher:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the HTTP client (a later call makes a new one)."""
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
+        """Close the HTTP clients (a later attempt makes new ones)."""
+        await self._clients.aclose()
 
     async def run_once(self) -> int:
         """Claim the due deliveries (at most `concurrency`), attempt them all; return how many."""
@@ -243,7 +243,7 @@ class Dispatcher:
                 **sign_headers(claim.id, attempted_at, message.body, message.secrets),
             }
             result = await sender.post(
-                self._http_client(),
+                self._clients.for_url(message.url),
                 message.url,
                 settings=self._settings,
                 headers=headers,
@@ -386,11 +386,6 @@ class Dispatcher:
             return failed, endpoint_values
         retry_at = now + timedelta(seconds=delay)
         return {"status": PENDING, "next_attempt_at": retry_at}, endpoint_values
-
-    def _http_client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = self._client_factory()
-        return self._client
 
 
 def _endpoint_secrets(endpoint: WebhookEndpoint, now: datetime) -> list[str]:

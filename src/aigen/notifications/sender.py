@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -20,6 +22,9 @@ from .ssrf import Resolver, UnsafeURLError, pinned_request, validate_url
 
 MAX_RESPONSE_BYTES = 20 * 1024
 MAX_ERROR_CHARS = 500
+# An idle kept connection is dropped after this long: sooner than the usual servers end
+# theirs (uvicorn, Node.js: 5 s), so that one is rarely reused just as the server closes it.
+KEEPALIVE_SECONDS = 4.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,19 +44,83 @@ class AttemptResult:
 
 
 def default_http_client(settings: Settings) -> httpx.AsyncClient:
-    """The client attempts use unless the dispatcher is given another.
+    """The client the attempts to one origin use, unless the dispatcher is given another.
 
-    No keep-alive: the pool is keyed by IP address, and a kept connection could carry a
-    request for one host name over a TLS session made for another. No environment
-    proxies: a proxy would resolve the name again, behind the guard's back.
+    Connections are kept alive: a TLS handshake (or a TCP one) per webhook costs both
+    sides more than the webhook. Only within one origin (`Clients`), since the pool is
+    keyed by the checked IP address. No environment proxies: a proxy would resolve the
+    name again, behind the guard's back.
     """
     return httpx.AsyncClient(
         follow_redirects=False,
         trust_env=False,
         timeout=httpx.Timeout(settings.webhook_timeout_seconds),
-        limits=httpx.Limits(max_keepalive_connections=0),
+        limits=httpx.Limits(max_keepalive_connections=8, keepalive_expiry=KEEPALIVE_SECONDS),
         headers={"user-agent": "aigen-webhooks", "accept-encoding": "identity"},
     )
+
+
+class Clients:
+    """One HTTP client per webhook origin (scheme, host name, port), made by `factory`.
+
+    Every request is pinned to the address the guard checked (`pinned_request`), so a
+    client's pool is keyed by IP address: were two host names on one address to share a
+    client, a connection kept for one, with its TLS session, could carry a request for
+    the other. With a client per host name, a kept connection only ever serves the name
+    it was opened (and its certificate checked) for, and only while the name resolves to
+    the address it was opened to. The `max_clients` most recently used are kept; one
+    pushed out is closed once the attempts that may still use it have ended.
+    """
+
+    def __init__(
+        self,
+        factory: Callable[[], httpx.AsyncClient],
+        *,
+        max_clients: int = 256,
+        linger_seconds: float = 60.0,
+    ) -> None:
+        self._factory = factory
+        self._max = max_clients
+        self._linger = linger_seconds
+        self._clients: OrderedDict[tuple[str, str, int | None], httpx.AsyncClient] = OrderedDict()
+        self._retired: set[asyncio.Task[None]] = set()
+
+    def for_url(self, url: str) -> httpx.AsyncClient:
+        origin = _origin(url)
+        client = self._clients.get(origin)
+        if client is not None:
+            self._clients.move_to_end(origin)
+            return client
+        client = self._clients[origin] = self._factory()
+        if len(self._clients) > self._max:
+            _, oldest = self._clients.popitem(last=False)
+            task = asyncio.get_running_loop().create_task(self._close_later(oldest))
+            self._retired.add(task)
+            task.add_done_callback(self._retired.discard)
+        return client
+
+    async def _close_later(self, client: httpx.AsyncClient) -> None:
+        # An attempt that took it just before has a deadline; after that it is unused.
+        await asyncio.sleep(self._linger)
+        await client.aclose()
+
+    async def aclose(self) -> None:
+        """Close every client (a later `for_url` makes new ones)."""
+        clients = list(self._clients.values())
+        self._clients.clear()
+        for task in list(self._retired):
+            task.cancel()
+        await asyncio.gather(*self._retired, return_exceptions=True)
+        await asyncio.gather(*(client.aclose() for client in clients))
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    # Never raises: a URL that does not parse is its own origin, and the guard refuses it.
+    try:
+        parts = urlsplit(url)
+        return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port
+    except ValueError:
+        return "", url, None
 
 
 async def post(
