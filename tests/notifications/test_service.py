@@ -115,6 +115,11 @@ class TestRedeliver:
             (delivery,) = await service.enqueue(session, job=job, event_type=JOB_COMPLETED)
             delivery.status, delivery.attempts = "failed", 4
             delivery.next_attempt_at = None
+        async with sessionmaker() as session:
+            # What `enqueue` returns is in the session: a change to it is saved.
+            stored = await session.get(WebhookDelivery, delivery.id)
+            assert stored is not None
+            assert (stored.status, stored.attempts) == ("failed", 4)
         async with unit_of_work(sessionmaker) as session:
             again = await service.redeliver(session, delivery.id, account_id=account.id)
         assert (again.id, again.status, again.attempts) == (delivery.id, "pending", 0)
