@@ -212,3 +212,13 @@ class TestKeptConnections:
         assert not first.is_closed
         await clients.aclose()
         assert all(client.is_closed for client in made)
+
+    async def test_closing_closes_the_lingering_too(self, settings: Settings) -> None:
+        clients = sender.Clients(
+            lambda: sender.default_http_client(settings), max_clients=1, linger_seconds=60
+        )
+        pushed_out = clients.for_url("http://a.test/hook")
+        kept = clients.for_url("http://b.test/hook")
+        await clients.aclose()
+        assert pushed_out.is_closed
+        assert kept.is_closed

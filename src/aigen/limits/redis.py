@@ -198,10 +198,10 @@ class RedisLimiter:
         await self._client.aclose()
 
 
-Call = tuple[list[str], list[str | int], "asyncio.Future[Any]"]
+_Call = tuple[list[str], list[str | int], "asyncio.Future[Any]"]
 
 
-class _Pipelined(Batcher[Call]):
+class _Pipelined(Batcher[_Call]):
     """One script's calls: those that arrive while a round trip runs go together in the
     next, one pipeline (not a transaction: each call is atomic on its own, as alone).
 
@@ -219,16 +219,18 @@ class _Pipelined(Batcher[Call]):
         self._submit((keys, args, future))
         return await future
 
-    async def _run_batch(self, batch: list[Call]) -> None:
+    async def _run_batch(self, batch: list[_Call]) -> None:
         try:
             replies = await self._send([(keys, args) for keys, args, _ in batch])
-        except BaseException as error:
+        except Exception as error:
             for _, _, future in batch:
                 if not future.done():
                     future.set_exception(error)
-            if not isinstance(error, Exception):
-                raise
             return
+        except BaseException:
+            for _, _, future in batch:
+                future.cancel()
+            raise
         for (_, _, future), reply in zip(batch, replies, strict=True):
             if future.done():
                 continue  # its caller is gone (cancelled)

@@ -83,7 +83,7 @@ class Clients:
         self._max = max_clients
         self._linger = linger_seconds
         self._clients: OrderedDict[tuple[str, str, int | None], httpx.AsyncClient] = OrderedDict()
-        self._retired: set[asyncio.Task[None]] = set()
+        self._retired: dict[asyncio.Task[None], httpx.AsyncClient] = {}
 
     def for_url(self, url: str) -> httpx.AsyncClient:
         origin = _origin(url)
@@ -95,8 +95,8 @@ class Clients:
         if len(self._clients) > self._max:
             _, oldest = self._clients.popitem(last=False)
             task = asyncio.get_running_loop().create_task(self._close_later(oldest))
-            self._retired.add(task)
-            task.add_done_callback(self._retired.discard)
+            self._retired[task] = oldest
+            task.add_done_callback(lambda done: self._retired.pop(done, None))
         return client
 
     async def _close_later(self, client: httpx.AsyncClient) -> None:
@@ -106,7 +106,7 @@ class Clients:
 
     async def aclose(self) -> None:
         """Close every client (a later `for_url` makes new ones)."""
-        clients = list(self._clients.values())
+        clients = [*self._clients.values(), *self._retired.values()]
         self._clients.clear()
         for task in list(self._retired):
             task.cancel()
