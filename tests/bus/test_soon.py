@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from datetime import timedelta
+
 import pytest
 
 from aigen.bus.broker import Handler, Retry
 from aigen.bus.messages import AIGenerationJobCanceled, Envelope
 from aigen.bus.soon import retry_soon
+from aigen.clock import utcnow
 
 EVENT = Envelope.wrap(AIGenerationJobCanceled(job_id="job-1", account_id="acc-1"))
 FAST = (0.001, 0.001, 0.001)
@@ -55,3 +59,33 @@ async def test_other_errors_pass_through_at_once() -> None:
     with pytest.raises(KeyError):
         await retry_soon(handler, pauses=FAST)(EVENT)
     assert calls == [EVENT]
+
+
+async def test_a_fresh_event_is_first_handled_once_it_is_old_enough() -> None:
+    calls: list[float] = []
+
+    async def handler(envelope: Envelope) -> None:
+        calls.append((utcnow() - envelope.time).total_seconds())
+
+    fresh = Envelope.wrap(AIGenerationJobCanceled(job_id="job-2", account_id="acc-1"))
+    await retry_soon(handler, pauses=FAST, first_at_age=0.05)(fresh)
+    assert len(calls) == 1
+    assert calls[0] >= 0.05
+
+
+async def test_an_old_event_is_handled_at_once() -> None:
+    started = time.monotonic()
+    old = Envelope(type=EVENT.type, data=EVENT.data, time=utcnow() - timedelta(seconds=1))
+    handler, calls = _retrying(0, delay=0.2)
+    await retry_soon(handler, pauses=FAST, first_at_age=0.9)(old)
+    assert calls == [old]
+    assert time.monotonic() - started < 0.6  # not held for another 0.9 s
+
+
+async def test_a_publisher_clock_ahead_makes_it_wait_no_longer_than_asked() -> None:
+    started = time.monotonic()
+    ahead = Envelope(type=EVENT.type, data=EVENT.data, time=utcnow() + timedelta(hours=1))
+    handler, calls = _retrying(0, delay=0.2)
+    await retry_soon(handler, pauses=FAST, first_at_age=0.05)(ahead)
+    assert calls == [ahead]
+    assert time.monotonic() - started < 5  # not held for the hour its clock says
