@@ -6,8 +6,9 @@ import asyncio
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
-from aigen.limits.redis import LimiterUnavailableError, RedisLimiter
+from aigen.limits.redis import LimiterUnavailableError, RedisLimiter, _Pipelined
 from tests.fixtures.scratch import free_port
 
 
@@ -56,3 +57,30 @@ async def test_a_server_that_lost_its_scripts_still_answers(
         assert [d.allowed for d in results] == [True, False, False]
     finally:
         await limiter.aclose()
+
+
+async def test_calls_queued_behind_an_unreachable_redis_fail_with_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    limiter = RedisLimiter(Redis.from_url(f"redis://127.0.0.1:{free_port()}/0"))
+    tried: list[int] = []
+    stuck = asyncio.Event()
+
+    async def hung(_: object, calls: list[object]) -> list[object]:
+        tried.append(len(calls))
+        await stuck.wait()  # as a socket timeout would
+        raise RedisConnectionError("Redis went away")
+
+    monkeypatch.setattr(_Pipelined, "_send", hung)
+    try:
+        first = asyncio.ensure_future(limiter.admit("k", per_minute=5))
+        await asyncio.sleep(0.05)  # the first call is in its round trip
+        behind = [asyncio.ensure_future(limiter.admit("k", per_minute=5)) for _ in range(4)]
+        await asyncio.sleep(0.05)
+        stuck.set()
+        results = await asyncio.gather(first, *behind, return_exceptions=True)
+    finally:
+        await limiter.aclose()
+    assert all(isinstance(r, LimiterUnavailableError) for r in results)
+    # The four queued behind were not sent one timeout later: they failed with the first.
+    assert tried == [1]

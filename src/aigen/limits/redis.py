@@ -20,7 +20,9 @@ from typing import Any
 
 import structlog
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from aigen.aio import Batcher
 from aigen.errors import ServiceUnavailable
@@ -223,6 +225,10 @@ class _Pipelined(Batcher[_Call]):
         try:
             replies = await self._send([(keys, args) for keys, args, _ in batch])
         except Exception as error:
+            if isinstance(error, RedisConnectionError | RedisTimeoutError):
+                # Redis is out of reach: the calls queued behind would each wait out the
+                # same timeout one batch after another; they fail now, with this one.
+                batch = [*batch, *self._take_waiting()]
             for _, _, future in batch:
                 if not future.done():
                     future.set_exception(error)
