@@ -31,9 +31,11 @@ async def loopback_resolver(host: str, port: int) -> Sequence[IPAddress]:
     return [ipaddress.ip_address("127.0.0.1")]
 
 
-def self_signed(tmp_path: Path, name: str) -> tuple[Path, Path]:
+def self_signed(tmp_path: Path, name: str, *more_names: str) -> tuple[Path, Path]:
+    """A certificate (and its key) valid for `name` and `more_names`."""
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)])
+    names = [x509.DNSName(n) for n in (name, *more_names)]
     now = utcnow()
     cert = (
         x509.CertificateBuilder()
@@ -43,7 +45,7 @@ def self_signed(tmp_path: Path, name: str) -> tuple[Path, Path]:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - timedelta(minutes=5))
         .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
@@ -111,36 +113,6 @@ class TestPinnedRequest:
         assert receiver.requests == []
 
 
-def two_names(tmp_path: Path) -> tuple[Path, Path]:
-    """A certificate valid for both `hooks.test` and `other.test`."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "hooks.test")])
-    now = utcnow()
-    names = [x509.DNSName("hooks.test"), x509.DNSName("other.test")]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / "both.pem", tmp_path / "both-key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 class TestKeptConnections:
     """Attempts reuse connections, but only within one host name (`sender.Clients`)."""
 
@@ -165,7 +137,7 @@ class TestKeptConnections:
     async def test_names_on_one_address_never_share_a_tls_session(
         self, settings: Settings, tmp_path: Path
     ) -> None:
-        cert, key = two_names(tmp_path)
+        cert, key = self_signed(tmp_path, "hooks.test", "other.test")
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(cert, key)
         trust = ssl.create_default_context(cafile=str(cert))
