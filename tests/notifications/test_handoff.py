@@ -4,6 +4,8 @@ starts at once, without a claim, and only in the slots the dispatcher has free."
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -28,6 +30,19 @@ async def completed_job(sessionmaker: Sessionmaker, url: str) -> Envelope:
             job_id=job.id, account_id=account.id, attempt=1, assets=[], usage={}
         )
     )
+
+
+@asynccontextmanager
+async def dispatching(dispatcher: Dispatcher) -> AsyncIterator[None]:
+    """The dispatcher's loop running (and waiting) for the block, stopped after it."""
+    stop = asyncio.Event()
+    running = asyncio.create_task(dispatcher.run(stop))
+    try:
+        await asyncio.sleep(0.2)
+        yield
+    finally:
+        stop.set()
+        await running
 
 
 @pytest.fixture
@@ -55,17 +70,11 @@ async def test_a_new_delivery_is_attempted_without_a_claim(
     slow = settings.model_copy(update={"poll_interval_seconds": 3600.0})
     dispatcher = Dispatcher(sessionmaker, slow, payload_builder=build_payload)
     handle = handlers.make_handler(sessionmaker, dispatcher=dispatcher)
-    stop = asyncio.Event()
-    running = asyncio.create_task(dispatcher.run(stop))
-    try:
-        await asyncio.sleep(0.2)
+    async with dispatching(dispatcher):
         envelope = await completed_job(sessionmaker, receiver.url())
         await handle(envelope)
         await asyncio.wait_for(receiver.wait_for(1), 10)
         await eventually(lambda: settled(sessionmaker))
-    finally:
-        stop.set()
-        await running
 
     (delivery,) = await load_deliveries(sessionmaker)
     assert (delivery.status, delivery.attempts) == ("delivered", 1)
@@ -83,19 +92,13 @@ async def test_a_full_dispatcher_leaves_the_delivery_to_its_next_claim(
     receiver.script("/busy", Answer(200, delay=0.6))
     dispatcher = Dispatcher(sessionmaker, settings, payload_builder=build_payload, concurrency=1)
     handle = handlers.make_handler(sessionmaker, dispatcher=dispatcher)
-    stop = asyncio.Event()
-    running = asyncio.create_task(dispatcher.run(stop))
-    try:
-        await asyncio.sleep(0.2)
+    async with dispatching(dispatcher):
         await handle(await completed_job(sessionmaker, receiver.url("/busy")))
         await receiver.wait_for(1)  # the only slot is taken by this slow attempt
         await handle(await completed_job(sessionmaker, receiver.url("/next")))
         pending = [d for d in await load_deliveries(sessionmaker) if d.url.endswith("/next")]
         assert [(d.attempts, d.leased_until) for d in pending] == [(0, None)]
         await eventually(lambda: settled(sessionmaker))
-    finally:
-        stop.set()
-        await running
 
     assert len(receiver.requests) == 2
     assert sum(claims_made) == 1  # the second delivery, once the slot was free
@@ -109,19 +112,13 @@ async def test_an_event_that_makes_no_new_delivery_gives_its_slots_back(
     # already: the slots reserved for them must not stay taken.
     dispatcher = Dispatcher(sessionmaker, settings, payload_builder=build_payload, concurrency=2)
     handle = handlers.make_handler(sessionmaker, dispatcher=dispatcher)
-    stop = asyncio.Event()
-    running = asyncio.create_task(dispatcher.run(stop))
-    try:
-        await asyncio.sleep(0.2)
+    async with dispatching(dispatcher):
         first = await completed_job(sessionmaker, receiver.url())
         await handle(first)
         await eventually(lambda: settled(sessionmaker))
         await handle(Envelope.wrap(first.message()))
         free = dispatcher.reserve(2)
         dispatcher.unreserve(free)
-    finally:
-        stop.set()
-        await running
 
     assert len(await load_deliveries(sessionmaker)) == 1
     assert free == 2
