@@ -16,8 +16,8 @@ async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(stop.wait(), seconds)
 
 
-async def wait_any(seconds: float, *events: asyncio.Event) -> None:
-    """Wait until one of `events` is set, or `seconds` pass."""
+async def wait_any(seconds: float | None, *events: asyncio.Event) -> None:
+    """Wait until one of `events` is set, or `seconds` pass (None: no time limit)."""
     waiters = [asyncio.ensure_future(event.wait()) for event in events]
     try:
         await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)

@@ -17,11 +17,13 @@ import uvicorn
 
 from aigen.backend import handlers as backend_handlers
 from aigen.backend import sweeper
+from aigen.backend.job import service as job_service
 from aigen.bootstrap import Deps
 from aigen.bus.outbox import Relay
 from aigen.bus.patience import patient
 from aigen.bus.soon import retry_soon
 from aigen.bus.topology import BACKEND, NOTIFICATIONS, WORKFLOW
+from aigen.db import notices
 from aigen.gateway.app import create_app, watch_revocations
 from aigen.notifications import handlers as notification_handlers
 from aigen.notifications.dispatcher import Dispatcher
@@ -102,8 +104,16 @@ async def run_backend(deps: Deps, stop: asyncio.Event) -> None:
 
 
 # From a result's announcement to the backend's commit of it, usually (BENCHMARKS.md:
-# 7–10 ms p50 at 10–50 jobs/s on 2 cores): the notifier's first look waits for that.
+# 7–10 ms p50 at 10–50 jobs/s on 2 cores): while the notifier does not hear the backend's
+# notices, its first look waits that long.
 BACKEND_APPLIES_SECONDS = 0.01
+# While the notifier hears the backend's notices of ended jobs (`aigen.db.notices`), its
+# first look waits for the job's notice, or at most until the event is this old (a lost
+# notice), and after a look that found the job not yet ended it waits for the notice, or
+# at most these pauses, in hand: a second in all (the backend's lag at the most a 2-core
+# machine can take) before it hands the message back to the broker.
+NOTICE_WAIT_SECONDS = 0.1
+NOTICED_PAUSES = (0.05, 0.15, 0.3, 0.5)
 
 
 async def run_notifier(deps: Deps, stop: asyncio.Event) -> None:
@@ -114,23 +124,34 @@ async def run_notifier(deps: Deps, stop: asyncio.Event) -> None:
         concurrency=deps.settings.webhook_concurrency,
         https_only=deps.settings.webhook_https_only,
     )
+    ended = notices.Listener(job_service.ENDED, deps.sessionmaker)
     await asyncio.gather(
         deps.broker.consume(
             NOTIFICATIONS,
-            # The notifier races the backend for each result; most of its short retries
-            # are taken in hand (`retry_soon`) instead of through the broker's delay queues,
-            # and it first lets the backend have the time it usually takes.
+            # The notifier races the backend for each result; its retries are taken in
+            # hand (`retry_soon`) instead of through the broker's delay queues: it first
+            # lets the backend have the time it usually takes, and then waits for its
+            # notice that the job has ended.
             retry_soon(
                 patient(
-                    notification_handlers.make_handler(deps.sessionmaker, dispatcher=dispatcher),
+                    notification_handlers.make_handler(
+                        deps.sessionmaker,
+                        dispatcher=dispatcher,
+                        wait_seconds=sum(NOTICED_PAUSES),
+                    ),
                     delay=patience(deps),
                 ),
+                up_to=sum(NOTICED_PAUSES),
+                pauses=NOTICED_PAUSES,
                 first_at_age=BACKEND_APPLIES_SECONDS,
+                watch=lambda envelope: ended.watch(envelope.job_id),
+                first_at_age_hearing=NOTICE_WAIT_SECONDS,
             ),
             stop=stop,
             prefetch=deps.settings.prefetch,
         ),
         dispatcher.run(stop),
+        ended.run(stop),
     )
 
 

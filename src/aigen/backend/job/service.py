@@ -3,6 +3,8 @@
 Every transition is a compare-and-set on `status` (and, for results, on `attempt`), so
 whichever of two racing writers comes second changes nothing. Money moves in the same
 transaction as the transition that justifies it; events leave through the outbox.
+A transition that ends a job is also told, once committed, on the `ENDED` notice channel
+(`aigen.db.notices`): the notifier, which races the backend for each result, waits for it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from aigen.bus.messages import (
     Envelope,
 )
 from aigen.clock import utcnow
+from aigen.db import notices
 from aigen.db.base import UTCDateTime, table
 from aigen.db.session import is_postgres
 from aigen.errors import AppError, Conflict, NotFound, RateLimited
@@ -47,6 +50,8 @@ from aigen.models.job import (
 )
 
 _JOBS = table(Job)
+# The notice channel of jobs that reached a terminal status (their ids).
+ENDED = "aigen_job_ended"
 
 
 class JobNotFoundError(NotFound):
@@ -324,7 +329,10 @@ async def _transition(
     params["job_id"] = job_id
     if attempt is not None:
         params["fence_attempt"] = attempt
-    return await _update_returning(session, statement, params)
+    job = await _update_returning(session, statement, params)
+    if job is not None and target in TERMINAL:
+        notices.after_commit(session, ENDED, [job_id])
+    return job
 
 
 # The compare-and-set statements, built once per shape (sources, the columns set, which
