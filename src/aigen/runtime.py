@@ -24,7 +24,7 @@ from aigen.bus.patience import patient
 from aigen.bus.soon import retry_soon
 from aigen.bus.topology import BACKEND, NOTIFICATIONS, WORKFLOW
 from aigen.db import notices
-from aigen.gateway.app import create_app, watch_revocations
+from aigen.gateway.app import create_app, listen
 from aigen.notifications import handlers as notification_handlers
 from aigen.notifications.dispatcher import Dispatcher
 from aigen.serving.base import Usage
@@ -183,8 +183,8 @@ async def serve_api(
     deps: Deps, stop: asyncio.Event, *, host: str, port: int, ready: asyncio.Event | None = None
 ) -> None:
     app = create_app(deps.settings, deps=deps)
-    # lifespan="off" below: the revocation listener that the lifespan would start runs here.
-    watcher = asyncio.create_task(watch_revocations(app, stop))
+    # lifespan="off" below: the listeners that the lifespan would start run here.
+    watcher = asyncio.create_task(listen(app, stop))
     config = uvicorn.Config(
         app, host=host, port=port, log_level="warning", lifespan="off", access_log=False
     )

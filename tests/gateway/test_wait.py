@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from aigen.gateway import waiting
 from aigen.gateway.waiting import parse_prefer
 from tests.fixtures.platform import Api, Platform
 
@@ -63,6 +64,22 @@ class TestWithWorker:
         assert again.headers["idempotent-replayed"] == "true"
         assert again.json()["id"] == first.json()["id"]
         assert again.json()["status"] == "completed"
+
+    async def test_the_answer_comes_when_the_job_ends(
+        self, platform: Platform, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # No poll within the test's patience: only the notice of the job's end can wake
+        # the wait before its 30 s are up.
+        monkeypatch.setattr(waiting, "NOTICED_POLL_SECONDS", 3600.0)
+        monkeypatch.setattr(waiting, "FIRST_POLL_SECONDS", 3600.0)
+        customer = await platform.customer()
+        slow = {"model": "scripted-slow", "input": {"prompt": "x"}}
+        async with platform.client(customer) as client:
+            started = time.monotonic()
+            answer = await client.post("/v1/generate", json=slow, headers={"Prefer": "wait=30"})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["status"] == "completed"
+        assert time.monotonic() - started < 15  # the model takes 1.5 s
 
 
 class TestWithoutWorker:

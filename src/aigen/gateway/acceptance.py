@@ -206,7 +206,8 @@ async def _wait(
     seconds: int,
 ) -> Response:
     applied = {"Preference-Applied": f"wait={seconds}"}
-    if not await waiting.wait_for_end(deps.sessionmaker, job_id, seconds=seconds):
+    ended = get_state(request).ended
+    if not await waiting.wait_for_end(deps.sessionmaker, job_id, seconds=seconds, ended=ended):
         return Response(payload, status_code=202, media_type=JSON, headers={**headers, **applied})
     async with deps.sessionmaker() as session:
         job = await job_service.get(session, job_id)

@@ -34,7 +34,7 @@ def create_app(settings: Settings, *, deps: Deps | None = None) -> FastAPI:
         built = await build_deps(settings) if deps is None else deps
         app.state.aigen = AppState.create(built)
         stop = asyncio.Event()
-        watcher = asyncio.create_task(watch_revocations(app, stop))
+        watcher = asyncio.create_task(listen(app, stop))
         try:
             yield
         finally:
@@ -62,7 +62,10 @@ def create_app(settings: Settings, *, deps: Deps | None = None) -> FastAPI:
     return app
 
 
-async def watch_revocations(app: FastAPI, stop: asyncio.Event) -> None:
-    """Drop revoked keys from this process's key cache as the notices arrive (until `stop`)."""
+async def listen(app: FastAPI, stop: asyncio.Event) -> None:
+    """Until `stop`: drop revoked keys from this process's key cache as their notices
+    arrive, and hear which jobs ended (`Prefer: wait`)."""
     state = get_app_state(app)
-    await state.deps.revocations.listen(state.key_cache.forget, stop)
+    await asyncio.gather(
+        state.deps.revocations.listen(state.key_cache.forget, stop), state.ended.run(stop)
+    )

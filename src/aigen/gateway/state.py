@@ -9,8 +9,10 @@ from datetime import datetime
 
 from fastapi import FastAPI, Request
 
+from aigen.backend.job import service as job_service
 from aigen.backend.principal import Principal
 from aigen.bootstrap import Deps
+from aigen.db.notices import Listener
 
 from .intake import Intake
 
@@ -70,6 +72,8 @@ class AppState:
     key_cache: KeyCache
     # Group commit of accepted jobs (`POST /v1/generate`).
     intake: Intake
+    # Hears which jobs ended, for `Prefer: wait` (run by `app.listen`).
+    ended: Listener
     # Stamps `last_used_at` at most once a minute per key (monotonic seconds).
     key_touched: dict[str, float] = field(default_factory=dict)
     # One database read per key hash at a time, however many requests arrive at once.
@@ -81,6 +85,7 @@ class AppState:
             deps=deps,
             key_cache=KeyCache(deps.settings.key_cache_seconds),
             intake=Intake(deps),
+            ended=Listener(job_service.ENDED, deps.sessionmaker),
         )
 
 
