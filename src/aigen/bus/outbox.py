@@ -31,6 +31,7 @@ from sqlalchemy.util import await_only
 from aigen.aio import sleep_or_stop, wait_any
 from aigen.clock import utcnow
 from aigen.db.base import table
+from aigen.db.notices import listen_dsn
 from aigen.db.session import Sessionmaker, is_postgres, unit_of_work
 from aigen.models import OutboxMessage
 
@@ -173,7 +174,7 @@ class Relay:
 
     async def run(self, stop: asyncio.Event) -> None:
         _running.add(self)
-        dsn = self._listen_dsn()
+        dsn = listen_dsn(self._sessionmaker)
         listener = await self._listen(dsn) if dsn else None
         # A connection lost is replaced at once; a failed try is repeated a while later.
         listen_again_at = time.monotonic() + (LISTEN_RETRY_SECONDS if listener is None else 0)
@@ -209,13 +210,6 @@ class Relay:
             if listener is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(listener.close(), 5)
-
-    def _listen_dsn(self) -> str | None:
-        """Where to `LISTEN` (PostgreSQL with asyncpg only), or None."""
-        url = getattr(self._sessionmaker.kw.get("bind"), "url", None)
-        if url is None or url.drivername != "postgresql+asyncpg":
-            return None
-        return str(url.set(drivername="postgresql").render_as_string(hide_password=False))
 
     async def _listen(self, dsn: str) -> Any:
         """`LISTEN aigen_outbox` on a connection of its own; None when that fails."""

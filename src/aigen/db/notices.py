@@ -99,6 +99,15 @@ def _send_on_checkin(dbapi_connection: Any, record: Any) -> None:
                 )
 
 
+def listen_dsn(sessionmaker: Sessionmaker) -> str | None:
+    """Where to `LISTEN` for the database of `sessionmaker` (PostgreSQL through asyncpg,
+    as a plain asyncpg DSN), or None."""
+    url = getattr(sessionmaker.kw.get("bind"), "url", None)
+    if url is None or url.drivername != "postgresql+asyncpg":
+        return None
+    return str(url.set(drivername="postgresql").render_as_string(hide_password=False))
+
+
 def payloads(items: Iterable[str]) -> Iterator[str]:
     """`items` joined by commas, in as few payloads as PostgreSQL takes."""
     chunk: list[str] = []
@@ -137,7 +146,8 @@ class Watch:
         self._heard.clear()
         return heard
 
-    def _set(self) -> None:
+    def hear(self) -> None:
+        """A notice named the item: the current or next `wait` returns at once."""
         self._heard.set()
 
 
@@ -160,7 +170,7 @@ class Listener:
         # Item → when it was heard (`time.monotonic`), oldest first.
         self._recent: OrderedDict[str, float] = OrderedDict()
         # Without PostgreSQL, this process's own commits are all there is to hear.
-        self._dsn = self._listen_dsn()
+        self._dsn = listen_dsn(sessionmaker)
         self._connected = False
         _listening.setdefault(channel, weakref.WeakSet()).add(self)
 
@@ -190,7 +200,7 @@ class Listener:
             self._recent[item] = now
             self._recent.move_to_end(item)
             for watch in self._watches.get(item, ()):
-                watch._set()
+                watch.hear()
         self._forget_old()
 
     def _forget_old(self) -> None:
@@ -225,12 +235,6 @@ class Listener:
                     await asyncio.wait_for(connection.close(), 5)
             if not stop.is_set():
                 log.warning("notices.listener_lost", channel=self.channel)
-
-    def _listen_dsn(self) -> str | None:
-        url = getattr(self._sessionmaker.kw.get("bind"), "url", None)
-        if url is None or url.drivername != "postgresql+asyncpg":
-            return None
-        return str(url.set(drivername="postgresql").render_as_string(hide_password=False))
 
     async def _listen(self, dsn: str) -> Any:
         try:
