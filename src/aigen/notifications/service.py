@@ -15,10 +15,9 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import make_transient_to_detached
 
 from aigen.clock import utcnow
-from aigen.db.base import table
+from aigen.db.base import as_loaded, table
 from aigen.db.session import is_postgres
 from aigen.errors import NotFound
 from aigen.ids import new_id
@@ -91,10 +90,7 @@ async def enqueue(
         if row["id"] in made:
             # The row as inserted, in the session as if loaded: no second read, and not
             # the ORM's bulk INSERT, which cost 8 % of the notifier's CPU by itself.
-            delivery = WebhookDelivery(**row)
-            make_transient_to_detached(delivery)
-            session.add(delivery)
-            created.append(delivery)
+            created.append(as_loaded(session, WebhookDelivery, row))
     return created
 
 

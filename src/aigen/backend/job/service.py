@@ -33,7 +33,7 @@ from aigen.bus.messages import (
 )
 from aigen.clock import utcnow
 from aigen.db import notices
-from aigen.db.base import UTCDateTime, table
+from aigen.db.base import UTCDateTime, as_loaded, one_of, table
 from aigen.db.session import is_postgres
 from aigen.errors import AppError, Conflict, NotFound, RateLimited
 from aigen.ids import new_id
@@ -233,7 +233,7 @@ _LOCK_KEYS = (
 )
 _ACTIVE_PER_KEY = (
     select(_JOBS.c.api_key_id, func.count())
-    .where(_JOBS.c.api_key_id.in_(bindparam("ids", expanding=True)), _JOBS.c.status.in_(ACTIVE))
+    .where(_JOBS.c.api_key_id.in_(bindparam("ids", expanding=True)), one_of(_JOBS.c.status, ACTIVE))
     .group_by(_JOBS.c.api_key_id)
 )
 # A new job's columns (what `new_row` sets; the others start NULL), attribute → column.
@@ -342,34 +342,34 @@ async def _transition(
 def _transition_statement(
     source: tuple[str, ...], fenced: bool, nulled: tuple[tuple[str, bool], ...]
 ) -> Any:
-    conditions = [Job.id == bindparam("job_id"), Job.status.in_(source)]
+    conditions = [_JOBS.c.id == bindparam("job_id"), one_of(_JOBS.c.status, source)]
     if fenced:
-        conditions.append(Job.attempt == bindparam("fence_attempt"))
-    return _returning_job(
-        update(Job)
+        conditions.append(_JOBS.c.attempt == bindparam("fence_attempt"))
+    return (
+        update(_JOBS)
         .where(*conditions)
         .values(
             {
                 # A None is SQL NULL, as a literal: bound, a JSON column would store 'null'.
-                name: null() if is_null else bindparam(f"new_{name}")
+                _COLUMN_OF[name]: null() if is_null else bindparam(f"new_{name}")
                 for name, is_null in nulled
             }
         )
+        .returning(*_JOBS.c)
     )
 
 
-def _returning_job(statement: Any) -> Any:
-    return statement.returning(Job).execution_options(
-        synchronize_session=False, populate_existing=True
-    )
+# Attribute → column key, for statements on the table.
+_COLUMN_OF = {attr.key: attr.columns[0].key for attr in Job.__mapper__.column_attrs}
 
 
 async def _update_returning(
     session: AsyncSession, statement: Any, params: dict[str, Any]
 ) -> Job | None:
-    """One `UPDATE … RETURNING`: the changed job as stored now, or None if none matched."""
-    result = await session.scalars(statement, params)
-    return result.one_or_none()
+    """One `UPDATE … RETURNING`, in Core: the changed job as stored now (the session's
+    object, `as_loaded`), or None if none matched."""
+    row = (await session.execute(statement, params)).mappings().one_or_none()
+    return as_loaded(session, Job, row) if row is not None else None
 
 
 async def cancel(session: AsyncSession, job_id: str, *, account_id: str) -> Job:
@@ -393,19 +393,20 @@ async def cancel(session: AsyncSession, job_id: str, *, account_id: str) -> Job:
 
 
 _NOW = bindparam("now", type_=UTCDateTime())
-_CLAIM = _returning_job(
-    update(Job)
+_CLAIM = (
+    update(_JOBS)
     .where(
-        Job.id == bindparam("job_id"),
-        Job.status.in_(ACTIVE),
-        or_(Job.status != PENDING, Job.deadline_at.is_(None), Job.deadline_at > _NOW),
+        _JOBS.c.id == bindparam("job_id"),
+        one_of(_JOBS.c.status, ACTIVE),
+        or_(_JOBS.c.status != PENDING, _JOBS.c.deadline_at.is_(None), _JOBS.c.deadline_at > _NOW),
     )
     .values(
         status=PROCESSING,
-        attempt=Job.attempt + 1,
-        processing_at=func.coalesce(Job.processing_at, _NOW),
+        attempt=_JOBS.c.attempt + 1,
+        processing_at=func.coalesce(_JOBS.c.processing_at, _NOW),
         updated_at=_NOW,
     )
+    .returning(*_JOBS.c)
 )
 
 

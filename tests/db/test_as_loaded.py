@@ -1,0 +1,57 @@
+"""`as_loaded`: a row from a Core `RETURNING` becomes the session's object, as a query
+with `populate_existing` would have given it."""
+
+from __future__ import annotations
+
+from aigen.backend.job import service as job_service
+from aigen.backend.principal import Principal
+from aigen.db.session import unit_of_work
+from aigen.models import Job
+from tests.fixtures.platform import Api
+
+
+async def _pending_job(api: Api) -> str:
+    customer = await api.customer(credits=50)
+    principal = Principal(
+        key_id=customer.key_id,
+        account_id=customer.account_id,
+        scopes=frozenset({"generate"}),
+        rpm=10,
+        concurrency=10,
+    )
+    async with unit_of_work(api.deps.sessionmaker) as session:
+        accepted = await job_service.create(
+            session,
+            principal,
+            job_service.NewJob(model="scripted-text", task="text", input={"a": 1}, hold=6),
+        )
+    return accepted.job.id
+
+
+async def test_the_object_in_the_session_is_brought_up_to_date(api: Api) -> None:
+    job_id = await _pending_job(api)
+    async with unit_of_work(api.deps.sessionmaker) as session:
+        held = await session.get(Job, job_id)
+        assert held is not None
+        assert held.status == "pending"
+        claimed = await job_service.claim(session, job_id)
+        assert claimed is held
+        assert (held.status, held.attempt) == ("processing", 1)
+        assert held.processing_at is not None
+        assert not session.dirty  # as loaded: nothing to write back
+
+
+async def test_a_new_object_is_in_the_session_and_its_changes_are_saved(api: Api) -> None:
+    job_id = await _pending_job(api)
+    async with unit_of_work(api.deps.sessionmaker) as session:
+        claimed = await job_service.claim(session, job_id)
+        assert claimed is not None
+        assert claimed in session
+        assert not session.dirty
+        assert claimed.input == {"a": 1}
+        assert claimed.meta is None  # a column whose attribute has another name
+        claimed.progress = {"step": 3}
+    async with api.deps.sessionmaker() as session:
+        stored = await session.get(Job, job_id)
+        assert stored is not None
+        assert (stored.status, stored.progress) == ("processing", {"step": 3})
