@@ -86,8 +86,9 @@ def as_loaded(session: AsyncSession, model: type[M], row: Mapping[Any, Any]) -> 
     session holds already, brought up to date, or a new one in the session as loaded,
     with no change pending (a change made to it later is saved at the flush).
 
-    For the hot `INSERT` and `UPDATE … RETURNING` statements: the ORM's own path to the
-    same object costs a third more CPU than the statement in Core.
+    For the hot `INSERT` and `UPDATE … RETURNING` statements: through the ORM's own
+    path to the same object, the worker's claim took a fifth more CPU, its transaction
+    included (BENCHMARKS.md).
     """
     values = {attribute: row[column] for column, attribute in _attributes(model).items()}
     mapper = model.__mapper__
