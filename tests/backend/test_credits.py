@@ -14,7 +14,6 @@ from sqlalchemy import select
 from aigen.backend import sweeper
 from aigen.backend.billing import service as billing
 from aigen.backend.job import service as job_service
-from aigen.backend.principal import Principal
 from aigen.bus.messages import AIGenerationJobCompleted
 from aigen.config import Settings
 from aigen.db.session import Sessionmaker, unit_of_work
@@ -59,21 +58,8 @@ class TestNeverCharged:
 
 class TestCapture:
     async def test_never_exceeds_the_hold(self, api: Api) -> None:
-        customer = await api.customer(credits=50)
-        principal = Principal(
-            key_id=customer.key_id,
-            account_id=customer.account_id,
-            scopes=frozenset({"generate"}),
-            rpm=10,
-            concurrency=10,
-        )
+        job_id, account_id = await api.pending_job(credits=50, hold=6)
         async with unit_of_work(api.deps.sessionmaker) as session:
-            accepted = await job_service.create(
-                session,
-                principal,
-                job_service.NewJob(model="scripted-text", task="text", input={}, hold=6),
-            )
-            job_id = accepted.job.id
             assert await job_service.claim(session, job_id) is not None
         # A provider that reports far more than the input allowed is charged the hold only.
         async with unit_of_work(api.deps.sessionmaker) as session:
@@ -81,7 +67,7 @@ class TestCapture:
                 session,
                 AIGenerationJobCompleted(
                     job_id=job_id,
-                    account_id=customer.account_id,
+                    account_id=account_id,
                     attempt=1,
                     assets=[],
                     usage={"input_tokens": 1, "output_tokens": 10_000, "images": 0},
@@ -96,8 +82,8 @@ class TestCapture:
             "capture": -6,
         }
         async with api.deps.sessionmaker() as session:
-            assert await billing.balance(session, customer.account_id) == 44
-            assert await billing.ledger_sum(session, customer.account_id) == 44
+            assert await billing.balance(session, account_id) == 44
+            assert await billing.ledger_sum(session, account_id) == 44
 
 
 class TestDeadline:

@@ -3,34 +3,15 @@
 from __future__ import annotations
 
 from aigen.backend.job import service as job_service
-from aigen.backend.principal import Principal
 from aigen.bus.messages import AIGenerationJobCompleted, AIGenerationJobFailed
 from aigen.db import notices
 from aigen.db.session import unit_of_work
 from tests.fixtures.platform import Api
 
 
-async def _claimed_job(api: Api) -> tuple[str, str]:
-    customer = await api.customer(credits=50)
-    principal = Principal(
-        key_id=customer.key_id,
-        account_id=customer.account_id,
-        scopes=frozenset({"generate"}),
-        rpm=10,
-        concurrency=10,
-    )
-    async with unit_of_work(api.deps.sessionmaker) as session:
-        accepted = await job_service.create(
-            session,
-            principal,
-            job_service.NewJob(model="scripted-text", task="text", input={}, hold=6),
-        )
-    return accepted.job.id, customer.account_id
-
-
 async def test_a_completed_job_is_told_and_a_claim_is_not(api: Api) -> None:
     listener = notices.Listener(job_service.ENDED, api.deps.sessionmaker)
-    job_id, account_id = await _claimed_job(api)
+    job_id, account_id = await api.pending_job()
     with listener.watch(job_id) as watch:
         async with unit_of_work(api.deps.sessionmaker) as session:
             assert await job_service.claim(session, job_id) is not None
@@ -50,7 +31,7 @@ async def test_a_completed_job_is_told_and_a_claim_is_not(api: Api) -> None:
 
 async def test_a_stale_result_tells_nothing(api: Api) -> None:
     listener = notices.Listener(job_service.ENDED, api.deps.sessionmaker)
-    job_id, account_id = await _claimed_job(api)
+    job_id, account_id = await api.pending_job()
     async with unit_of_work(api.deps.sessionmaker) as session:
         assert await job_service.claim(session, job_id) is not None
     with listener.watch(job_id) as watch:

@@ -4,32 +4,13 @@ with `populate_existing` would have given it."""
 from __future__ import annotations
 
 from aigen.backend.job import service as job_service
-from aigen.backend.principal import Principal
 from aigen.db.session import unit_of_work
 from aigen.models import Job
 from tests.fixtures.platform import Api
 
 
-async def _pending_job(api: Api) -> str:
-    customer = await api.customer(credits=50)
-    principal = Principal(
-        key_id=customer.key_id,
-        account_id=customer.account_id,
-        scopes=frozenset({"generate"}),
-        rpm=10,
-        concurrency=10,
-    )
-    async with unit_of_work(api.deps.sessionmaker) as session:
-        accepted = await job_service.create(
-            session,
-            principal,
-            job_service.NewJob(model="scripted-text", task="text", input={"a": 1}, hold=6),
-        )
-    return accepted.job.id
-
-
 async def test_the_object_in_the_session_is_brought_up_to_date(api: Api) -> None:
-    job_id = await _pending_job(api)
+    job_id, _ = await api.pending_job()
     async with unit_of_work(api.deps.sessionmaker) as session:
         held = await session.get(Job, job_id)
         assert held is not None
@@ -42,7 +23,7 @@ async def test_the_object_in_the_session_is_brought_up_to_date(api: Api) -> None
 
 
 async def test_a_new_object_is_in_the_session_and_its_changes_are_saved(api: Api) -> None:
-    job_id = await _pending_job(api)
+    job_id, _ = await api.pending_job()
     async with unit_of_work(api.deps.sessionmaker) as session:
         claimed = await job_service.claim(session, job_id)
         assert claimed is not None

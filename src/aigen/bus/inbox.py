@@ -21,8 +21,15 @@ _RECORD = {
     .returning(_TABLE.c.event_id)
     for postgres, insert in ((True, pg_insert), (False, sqlite_insert))
 }
-_SEEN = select(_TABLE.c.event_id).where(
-    _TABLE.c.consumer == bindparam("consumer"), _TABLE.c.event_id == bindparam("event_id")
+# A condition for a statement of the consumer's own (the worker's claim): true while
+# the consumer has not recorded the event, with the parameters of `unrecorded_params`.
+UNRECORDED = ~(
+    select(_TABLE.c.event_id)
+    .where(
+        _TABLE.c.consumer == bindparam("inbox_consumer"),
+        _TABLE.c.event_id == bindparam("inbox_event_id"),
+    )
+    .exists()
 )
 
 
@@ -41,7 +48,6 @@ async def first_time(session: AsyncSession, consumer: str, event_id: str) -> boo
     return inserted is not None
 
 
-async def seen(session: AsyncSession, consumer: str, event_id: str) -> bool:
-    """Whether the event was recorded already (committed), without recording it."""
-    found = await session.scalar(_SEEN, {"consumer": consumer, "event_id": event_id})
-    return found is not None
+def unrecorded_params(consumer: str, event_id: str) -> dict[str, str]:
+    """The parameters of `UNRECORDED` for one consumer's event."""
+    return {"inbox_consumer": consumer, "inbox_event_id": event_id}

@@ -205,9 +205,8 @@ class Workflow:
 
 
 async def _claim(session: AsyncSession, event_id: str, job_id: str) -> Job | None:
-    if await inbox.seen(session, CONSUMER, event_id):
-        return None  # announced before: a redelivery
-    return await job_service.claim(session, job_id)
+    # A message announced before (a redelivery) claims nothing: the inbox row says so.
+    return await job_service.claim(session, job_id, unless_recorded=(CONSUMER, event_id))
 
 
 async def _announce(

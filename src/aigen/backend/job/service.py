@@ -23,7 +23,7 @@ from aigen.backend.billing import service as billing
 from aigen.backend.idempotency import service as idempotency
 from aigen.backend.idempotency.service import Claim, StoredResponse
 from aigen.backend.principal import Principal
-from aigen.bus import outbox
+from aigen.bus import inbox, outbox
 from aigen.bus.messages import (
     AIGenerationJobCanceled,
     AIGenerationJobCompleted,
@@ -393,37 +393,61 @@ async def cancel(session: AsyncSession, job_id: str, *, account_id: str) -> Job:
 
 
 _NOW = bindparam("now", type_=UTCDateTime())
-_CLAIM = (
-    update(_JOBS)
-    .where(
-        _JOBS.c.id == bindparam("job_id"),
-        one_of(_JOBS.c.status, ACTIVE),
-        or_(_JOBS.c.status != PENDING, _JOBS.c.deadline_at.is_(None), _JOBS.c.deadline_at > _NOW),
-    )
-    .values(
-        status=PROCESSING,
-        attempt=_JOBS.c.attempt + 1,
-        processing_at=func.coalesce(_JOBS.c.processing_at, _NOW),
-        updated_at=_NOW,
-    )
-    .returning(*_JOBS.c)
-)
 
 
-async def claim(session: AsyncSession, job_id: str) -> Job | None:
+def _claim_statement(*conditions: Any) -> Any:
+    return (
+        update(_JOBS)
+        .where(
+            _JOBS.c.id == bindparam("job_id"),
+            one_of(_JOBS.c.status, ACTIVE),
+            or_(
+                _JOBS.c.status != PENDING, _JOBS.c.deadline_at.is_(None), _JOBS.c.deadline_at > _NOW
+            ),
+            *conditions,
+        )
+        .values(
+            status=PROCESSING,
+            attempt=_JOBS.c.attempt + 1,
+            processing_at=func.coalesce(_JOBS.c.processing_at, _NOW),
+            updated_at=_NOW,
+        )
+        .returning(*_JOBS.c)
+    )
+
+
+_CLAIM = _claim_statement()
+_CLAIM_UNLESS_RECORDED = _claim_statement(inbox.UNRECORDED)
+
+
+async def claim(
+    session: AsyncSession, job_id: str, *, unless_recorded: tuple[str, str] | None = None
+) -> Job | None:
     """The worker's claim: `pending|processing → processing` with the next attempt number.
 
     A job already processing is claimed again only because its previous holder lost the
     message lease (it died); the bumped attempt makes that holder's late result stale.
     A job whose deadline passed before it started is expired and refunded instead.
+
+    With `unless_recorded` (a consumer and an event id), nothing is claimed once that
+    consumer has recorded the event in its inbox (`bus.inbox`): the worker's redelivered
+    message of a job it has announced already, whose result must not turn stale.
     """
+    params = {"job_id": job_id, "now": utcnow()}
+    statement = _CLAIM
+    if unless_recorded is not None:
+        # In the same statement: one round trip, not a read of the inbox first.
+        statement = _CLAIM_UNLESS_RECORDED
+        params |= inbox.unrecorded_params(*unless_recorded)
     # The common case in one statement: an active job, not pending past its deadline.
-    claimed = await _update_returning(session, _CLAIM, {"job_id": job_id, "now": utcnow()})
+    claimed = await _update_returning(session, statement, params)
     if claimed is not None:
         return claimed
     job = await session.get(Job, job_id, populate_existing=True)
     if job is not None and job.status == PENDING:
-        await expire(session, job)  # (its deadline has passed: the update above says so)
+        # (Its deadline has passed: the update above says so. A recorded event is never
+        # a pending job's: the worker records it only once it has claimed the job.)
+        await expire(session, job)
     return None
 
 
