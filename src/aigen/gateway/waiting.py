@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
 
 from sqlalchemy import select
 
-from aigen.db.notices import Listener, Watch
+from aigen.db.notices import Listener
 from aigen.db.session import Sessionmaker
 from aigen.models import Job
 from aigen.models.job import TERMINAL
@@ -54,7 +53,7 @@ async def wait_for_end(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
     delay = FIRST_POLL_SECONDS
-    with _watching(ended, job_id) as watch:
+    with ended.watch(job_id) if ended is not None else contextlib.nullcontext() as watch:
         while True:
             async with sessionmaker() as session:
                 status = await session.scalar(select(Job.status).where(Job.id == job_id))
@@ -68,12 +67,3 @@ async def wait_for_end(
             else:
                 await asyncio.sleep(min(delay, left))
                 delay = min(delay * 2, LAST_POLL_SECONDS)
-
-
-@contextlib.contextmanager
-def _watching(ended: Listener | None, job_id: str) -> Iterator[Watch | None]:
-    if ended is None:
-        yield None
-        return
-    with ended.watch(job_id) as watch:
-        yield watch
