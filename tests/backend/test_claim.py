@@ -26,7 +26,7 @@ async def test_a_recorded_event_claims_nothing_and_another_does(api: Api) -> Non
         assert job is not None
         assert (job.status, job.attempt) == ("processing", 1)  # its result stays current
     async with unit_of_work(api.deps.sessionmaker) as session:
-        # Another consumer's record, or another event, does not stand in the way.
+        # Another consumer's record of the same event does not stand in the way.
         other = await job_service.claim(session, job_id, unless_recorded=("backend", "evt_1"))
         assert other is not None
         assert other.attempt == 2
