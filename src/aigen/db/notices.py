@@ -164,7 +164,6 @@ class Listener:
         self, channel: str, sessionmaker: Sessionmaker, *, remember_seconds: float = 5.0
     ) -> None:
         self.channel = channel
-        self._sessionmaker = sessionmaker
         self._remember = remember_seconds
         self._watches: dict[str, set[Watch]] = {}
         # Item → when it was heard (`time.monotonic`), oldest first.
@@ -237,6 +236,7 @@ class Listener:
                 log.warning("notices.listener_lost", channel=self.channel)
 
     async def _listen(self, dsn: str) -> Any:
+        connection = None
         try:
             connection = await asyncio.wait_for(asyncpg.connect(dsn), 10)
             await connection.add_listener(
@@ -245,5 +245,8 @@ class Listener:
         except Exception as error:
             # The waiters still look again when their waits time out.
             log.warning("notices.listen_failed", channel=self.channel, error=repr(error))
+            if connection is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(connection.close(), 5)
             return None
         return connection
