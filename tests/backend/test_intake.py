@@ -15,17 +15,7 @@ from aigen.db.session import unit_of_work
 from aigen.errors import AppError
 from aigen.gateway.intake import Intake
 from aigen.models import Job, OutboxMessage
-from tests.fixtures.platform import Api, Customer
-
-
-def principal(customer: Customer, *, concurrency: int = 100) -> Principal:
-    return Principal(
-        key_id=customer.key_id,
-        account_id=customer.account_id,
-        scopes=frozenset({"generate"}),
-        rpm=1000,
-        concurrency=concurrency,
-    )
+from tests.fixtures.platform import Api
 
 
 def candidate(who: Principal, hold: int) -> job_service.Candidate:
@@ -35,15 +25,15 @@ def candidate(who: Principal, hold: int) -> job_service.Candidate:
 
 async def test_each_job_in_a_batch_is_judged_on_its_own(api: Api) -> None:
     rich, poor = await api.customer(credits=100), await api.customer(credits=10)
-    narrow = principal(await api.customer(credits=100), concurrency=1)
+    narrow = (await api.customer(credits=100)).principal(concurrency=1)
     batch = [
-        candidate(principal(poor), 4),
-        candidate(principal(rich), 50),
-        candidate(principal(poor), 4),
-        candidate(principal(poor), 4),  # 2 credits left: refused
+        candidate(poor.principal(), 4),
+        candidate(rich.principal(), 50),
+        candidate(poor.principal(), 4),
+        candidate(poor.principal(), 4),  # 2 credits left: refused
         candidate(narrow, 1),
         candidate(narrow, 1),  # over the key's concurrency: refused
-        candidate(principal(poor), 2),  # fits what is left
+        candidate(poor.principal(), 2),  # fits what is left
     ]
     async with unit_of_work(api.deps.sessionmaker) as session:
         outcomes = await job_service.create_many(session, batch)
@@ -74,7 +64,7 @@ async def test_each_job_in_a_batch_is_judged_on_its_own(api: Api) -> None:
 
 async def test_concurrent_accepts_share_transactions(api: Api) -> None:
     customer = await api.customer(credits=1000)
-    who = principal(customer)
+    who = customer.principal()
     commits = 0
 
     def count(*_: Any) -> None:
@@ -99,7 +89,7 @@ async def test_concurrent_accepts_share_transactions(api: Api) -> None:
 async def test_an_unreachable_database_fails_the_batch_and_the_jobs_behind_it(
     api: Api, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    who = principal(await api.customer(credits=1000))
+    who = (await api.customer(credits=1000)).principal()
     tried: list[int] = []
     stuck = asyncio.Event()
 

@@ -15,7 +15,6 @@ import aio_pika
 from sqlalchemy import delete
 
 from aigen.backend.job import service as job_service
-from aigen.backend.principal import Principal
 from aigen.bus.messages import REQUESTED, ROUTING_KEYS, Envelope
 from aigen.bus.rabbitmq import CONTENT_TYPE, ERROR_HEADER
 from aigen.bus.topology import EXCHANGE, WORKFLOW, dead_letter_queue
@@ -67,16 +66,9 @@ async def test_poison_messages_end_in_the_dead_letter_queue_and_fail_their_jobs(
 async def _pending_job(production: Production, who: Customer) -> str:
     """A job accepted as the API would (job and hold in one transaction), minus its event:
     the broken one the test publishes stands in for it."""
-    principal = Principal(
-        key_id=who.key_id,
-        account_id=who.account_id,
-        scopes=frozenset({"generate"}),
-        rpm=1000,
-        concurrency=100,
-    )
     new = job_service.NewJob(model="scripted-text", task="text", input=GOOD_INPUT, hold=HOLD)
     async with unit_of_work(production.sessionmaker) as session:
-        job = (await job_service.create(session, principal, new)).job
+        job = (await job_service.create(session, who.principal(), new)).job
         await session.execute(delete(OutboxMessage).where(OutboxMessage.body.contains(job.id)))
     return job.id
 
