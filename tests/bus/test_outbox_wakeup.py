@@ -1,7 +1,7 @@
 """The relay is woken by a commit that added outbox rows, not only by its poll.
 
 In the same process through an in-memory signal; across processes on PostgreSQL through
-`NOTIFY aigen_outbox` (the relay below has an engine of its own, as another process
+PostgreSQL's notices on `aigen_outbox` (the relay below has an engine of its own, as another process
 would). The poll interval is set far beyond the test's patience, so only a wake-up can
 publish the event in time.
 """
@@ -17,6 +17,7 @@ from sqlalchemy import text
 
 from aigen.bus import outbox
 from aigen.bus.messages import AIGenerationJobCanceled, Envelope
+from aigen.db import notices
 from aigen.db.session import Sessionmaker, create_engine, create_sessionmaker, unit_of_work
 
 NEVER = 3600.0
@@ -116,7 +117,7 @@ async def test_a_relay_listens_again_after_losing_its_connection(
                     session, AIGenerationJobCanceled(job_id="job-2", account_id="acc-1")
                 )
                 # As from another process: no wake-up in memory, only the notice.
-                session.info.pop(outbox._ADDED)
+                session.info.pop(notices._PENDING)
                 await session.execute(text(f"NOTIFY {outbox.CHANNEL}"))
             await asyncio.wait_for(broker.arrived.wait(), 5)
             assert [e.id for e in broker.published] == [envelope.id]

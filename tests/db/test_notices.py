@@ -142,3 +142,8 @@ def test_payloads_stay_under_postgres_limit() -> None:
     assert len(payloads) > 1
     assert all(len(payload) < 8000 for payload in payloads)
     assert sorted(item for payload in payloads for item in payload.split(",")) == items
+
+
+def test_a_notice_of_no_item_is_one_empty_payload() -> None:
+    # The outbox's "rows were added": a notice all the same.
+    assert list(notices.payloads([])) == [""]

@@ -5,10 +5,10 @@ them sent, so a crash anywhere neither loses an event nor announces an uncommitt
 
 Wake-ups: a relay polls every `poll_interval`, and is also woken as soon as a transaction
 that added outbox rows commits: at once in the same process (`aigen up`), and through
-PostgreSQL's `NOTIFY aigen_outbox` (sent on the committing connection just after the
-commit, outside any lock) in other processes. A wake-up is only a hint; the poll stays
-the guarantee, so a lost notice delays an event by one poll at most (a second, for a
-relay that listens: `LISTENING_POLL_SECONDS`).
+PostgreSQL's notices on `aigen_outbox` (sent on the committing connection just after the
+commit, outside any lock) in other processes; `aigen.db.notices` does both. A wake-up is
+only a hint; the poll stays the guarantee, so a lost notice delays an event by one poll
+at most (a second, for a relay that listens: `LISTENING_POLL_SECONDS`).
 """
 
 from __future__ import annotations
@@ -16,22 +16,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
-import asyncpg  # type: ignore[import-untyped]
 import structlog
-from sqlalchemy import bindparam, event, insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import Session
-from sqlalchemy.pool import Pool
-from sqlalchemy.util import await_only
 
 from aigen.aio import sleep_or_stop, wait_any
 from aigen.clock import utcnow
+from aigen.db import notices
 from aigen.db.base import table
-from aigen.db.notices import listen_dsn
 from aigen.db.session import Sessionmaker, is_postgres, unit_of_work
 from aigen.models import OutboxMessage
 
@@ -40,24 +35,18 @@ from .messages import Envelope, Message
 
 log = structlog.get_logger(__name__)
 
+# The notice channel (`aigen.db.notices`) of commits that added outbox rows.
 CHANNEL = "aigen_outbox"
-# session.info / pool record info: this transaction added outbox rows; notify on checkin.
-_ADDED = "aigen.outbox.added"
-_NOTIFY = "aigen.outbox.notify"
-# Relays running in this process, woken when a transaction that added rows commits.
-_running: weakref.WeakSet[Relay] = weakref.WeakSet()
 MAX_GAP_SECONDS = 0.005
-# How often a relay that listens for notices polls all the same; how soon one that
-# could not listen, or lost its listening connection, tries again.
+# How often a relay that listens for notices on PostgreSQL polls all the same.
 LISTENING_POLL_SECONDS = 1.0
-LISTEN_RETRY_SECONDS = 5.0
 
 
 def add(session: AsyncSession, message: Message, *, traceparent: str | None = None) -> Envelope:
     """Queue `message` for publication when the caller's transaction commits."""
     envelope = Envelope.wrap(message, traceparent=traceparent)
     session.add(OutboxMessage(**_row(envelope)))
-    session.info[_ADDED] = True
+    notices.after_commit(session, CHANNEL)
     return envelope
 
 
@@ -66,7 +55,7 @@ async def add_many(session: AsyncSession, envelopes: Sequence[Envelope]) -> None
     if not envelopes:
         return
     await session.execute(_INSERT, [_row(e) for e in envelopes])
-    session.info[_ADDED] = True
+    notices.after_commit(session, CHANNEL)
 
 
 # The statements of every event, built once with bound parameters (see `db.base.table`).
@@ -95,39 +84,6 @@ def _row(envelope: Envelope) -> dict[str, Any]:
         "body": envelope.to_json(),
         "created_at": envelope.time,
     }
-
-
-@event.listens_for(Session, "before_commit")
-def _before_commit(session: Session) -> None:
-    if not session.info.get(_ADDED):
-        return
-    # Mark the PostgreSQL connection: once it is back in the pool (the commit done, every
-    # lock released) it sends the NOTIFY, so that other processes' relays wake up.
-    connection = session.connection()
-    info = connection.connection.record_info
-    if connection.dialect.name == "postgresql" and info is not None:
-        info[_NOTIFY] = True
-
-
-@event.listens_for(Session, "after_commit")
-def _after_commit(session: Session) -> None:
-    if session.info.pop(_ADDED, False):
-        for relay in list(_running):
-            relay.wake()
-
-
-@event.listens_for(Session, "after_rollback")
-def _after_rollback(session: Session) -> None:
-    session.info.pop(_ADDED, None)
-
-
-@event.listens_for(Pool, "checkin")
-def _notify_on_checkin(dbapi_connection: Any, record: Any) -> None:
-    if record is None or not record.record_info.pop(_NOTIFY, False) or dbapi_connection is None:
-        return
-    with contextlib.suppress(Exception):
-        # Outside a transaction: delivered at once. A failure only costs a poll's delay.
-        await_only(dbapi_connection.driver_connection.execute(f"NOTIFY {CHANNEL}"))
 
 
 class Relay:
@@ -173,25 +129,17 @@ class Relay:
         return len(rows)
 
     async def run(self, stop: asyncio.Event) -> None:
-        _running.add(self)
-        dsn = listen_dsn(self._sessionmaker)
-        listener = await self._listen(dsn) if dsn else None
-        # A connection lost is replaced at once; a failed try is repeated a while later.
-        listen_again_at = time.monotonic() + (LISTEN_RETRY_SECONDS if listener is None else 0)
+        # Woken by every commit that added rows: in this process at once, and in others
+        # through PostgreSQL's notices; also when the listening connection is lost.
+        listener = notices.Listener(CHANNEL, self._sessionmaker, on_notice=self.wake)
+        listening = asyncio.create_task(listener.run(stop))
         try:
             while not stop.is_set():
                 started = time.monotonic()
-                lost = listener is None or listener.is_closed()
-                if dsn and lost and started >= listen_again_at:
-                    # Never listened, or the server closed the connection (a restart, say):
-                    # listen again, and meanwhile poll at the short interval.
-                    listener = await self._listen(dsn)
-                    if listener is None:
-                        listen_again_at = started + LISTEN_RETRY_SECONDS
                 # With PostgreSQL's notices every commit wakes the relay: the poll is then
                 # only the net for a lost notice, and need not run 20 times a second.
                 poll = self._poll_interval
-                if listener is not None and not listener.is_closed():
+                if listener.connected:
                     poll = max(poll, LISTENING_POLL_SECONDS)
                 try:
                     sent = await self.run_once()
@@ -206,20 +154,7 @@ class Relay:
                     if gap > 0 and not stop.is_set():
                         await asyncio.sleep(gap)
         finally:
-            _running.discard(self)
-            if listener is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(listener.close(), 5)
-
-    async def _listen(self, dsn: str) -> Any:
-        """`LISTEN aigen_outbox` on a connection of its own; None when that fails."""
-        try:
-            connection = await asyncio.wait_for(asyncpg.connect(dsn), 10)
-            await connection.add_listener(CHANNEL, lambda *_: self.wake())
-            # Lost (a server restart, say): run at once, to listen again (`run`).
-            connection.add_termination_listener(lambda *_: self.wake())
-        except Exception as error:
-            # Polling alone still publishes everything, one poll later.
-            log.warning("relay.listen_failed", error=repr(error))
-            return None
-        return connection
+            if not listening.done():
+                listening.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listening

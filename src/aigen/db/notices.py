@@ -8,8 +8,8 @@ a connection of its own that `LISTEN`s. A notice is only a hint, sent once and n
 kept: a listener that is reconnecting misses it, so whoever waits also looks again after
 a while (`Watch.wait` times out).
 
-The outbox's wake-ups (`aigen.bus.outbox`) came first and work the same way; they carry
-no items, and stay as they are.
+The outbox's wake-ups (`aigen.bus.outbox`) are notices too, with no items: the relay
+listens with `on_notice`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import contextlib
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
@@ -49,8 +49,9 @@ MAX_REMEMBERED = 100_000
 _listening: dict[str, weakref.WeakSet[Listener]] = {}
 
 
-def after_commit(session: AsyncSession, channel: str, items: Iterable[str]) -> None:
-    """Tell `channel`'s listeners about `items` once the caller's transaction commits."""
+def after_commit(session: AsyncSession, channel: str, items: Iterable[str] = ()) -> None:
+    """Tell `channel`'s listeners about `items` (or only that something changed) once the
+    caller's transaction commits."""
     pending: dict[str, set[str]] = session.info.setdefault(_PENDING, {})
     pending.setdefault(channel, set()).update(items)
 
@@ -109,16 +110,19 @@ def listen_dsn(sessionmaker: Sessionmaker) -> str | None:
 
 
 def payloads(items: Iterable[str]) -> Iterator[str]:
-    """`items` joined by commas, in as few payloads as PostgreSQL takes."""
+    """`items` joined by commas, in as few payloads as PostgreSQL takes; a notice that
+    names no item (the outbox's "rows were added") is one empty payload."""
     chunk: list[str] = []
     size = 0
+    sent = False
     for item in sorted(items):
         if chunk and size + len(item) + 1 > MAX_PAYLOAD_CHARS:
             yield ",".join(chunk)
+            sent = True
             chunk, size = [], 0
         chunk.append(item)
         size += len(item) + 1
-    if chunk:
+    if chunk or not sent:
         yield ",".join(chunk)
 
 
@@ -161,10 +165,18 @@ class Listener:
     """
 
     def __init__(
-        self, channel: str, sessionmaker: Sessionmaker, *, remember_seconds: float = 5.0
+        self,
+        channel: str,
+        sessionmaker: Sessionmaker,
+        *,
+        remember_seconds: float = 5.0,
+        on_notice: Callable[[], None] | None = None,
     ) -> None:
         self.channel = channel
         self._remember = remember_seconds
+        # Called for every notice, and when the listening connection is lost (a notice
+        # may have been missed): the relay's wake-up.
+        self._on_notice = on_notice
         self._watches: dict[str, set[Watch]] = {}
         # Item → when it was heard (`time.monotonic`), oldest first.
         self._recent: OrderedDict[str, float] = OrderedDict()
@@ -178,6 +190,11 @@ class Listener:
         """Connected to PostgreSQL's notices; without PostgreSQL, always (SQLite is the
         embedded default, one process: its own commits are all it could hear)."""
         return self._dsn is None or self._connected
+
+    @property
+    def connected(self) -> bool:
+        """Listening on PostgreSQL, where other processes' commits are heard too."""
+        return self._connected
 
     @contextlib.contextmanager
     def watch(self, item: str) -> Iterator[Watch]:
@@ -201,6 +218,8 @@ class Listener:
             for watch in self._watches.get(item, ()):
                 watch.hear()
         self._forget_old()
+        if self._on_notice is not None:
+            self._on_notice()
 
     def _forget_old(self) -> None:
         if not self._recent:
@@ -234,13 +253,21 @@ class Listener:
                     await asyncio.wait_for(connection.close(), 5)
             if not stop.is_set():
                 log.warning("notices.listener_lost", channel=self.channel)
+                if self._on_notice is not None:
+                    self._on_notice()
+
+    def _on_payload(self, _connection: Any, _pid: int, _channel: str, payload: str) -> None:
+        self.heard(payload.split(",") if payload else ())
 
     async def _listen(self, dsn: str) -> Any:
         connection = None
         try:
             connection = await asyncio.wait_for(asyncpg.connect(dsn), 10)
             await connection.add_listener(
-                self.channel, lambda _c, _pid, _channel, payload: self.heard(payload.split(","))
+                self.channel,
+                lambda _c, _pid, _channel, payload: self.heard(
+                    payload.split(",") if payload else ()
+                ),
             )
         except Exception as error:
             # The waiters still look again when their waits time out.
