@@ -4,6 +4,7 @@ with `populate_existing` would have given it."""
 from __future__ import annotations
 
 from aigen.backend.job import service as job_service
+from aigen.db.base import build
 from aigen.db.session import unit_of_work
 from aigen.models import Job
 from tests.fixtures.platform import Api
@@ -36,3 +37,37 @@ async def test_a_new_object_is_in_the_session_and_its_changes_are_saved(api: Api
         stored = await session.get(Job, job_id)
         assert stored is not None
         assert (stored.status, stored.progress) == ("processing", {"step": 3})
+
+
+def test_build_gives_the_object_the_constructor_would() -> None:
+    values = {
+        "id": "job_built",
+        "account_id": "acc_1",
+        "api_key_id": "key_1",
+        "model": "m",
+        "task": "text",
+        "input": {"prompt": "hi"},
+        "status": "pending",
+        "attempt": 0,
+        "meta": {"tag": "x"},
+        "credits_reserved": 5,
+    }
+    built, constructed = build(Job, values), Job(**values)
+    for attribute in Job.__mapper__.column_attrs:
+        assert getattr(built, attribute.key) == getattr(constructed, attribute.key)
+    # Not given: None, as on a constructed object.
+    assert built.progress is None
+    assert built.completed_at is None
+
+
+async def test_a_built_object_added_to_a_session_is_inserted(api: Api) -> None:
+    job_id, account_id = await api.pending_job()
+    async with unit_of_work(api.deps.sessionmaker) as session:
+        stored = await session.get(Job, job_id)
+        assert stored is not None
+        values = {c.key: getattr(stored, c.key) for c in Job.__mapper__.column_attrs}
+        session.add(build(Job, {**values, "id": "job_copy", "meta": {"copy": True}}))
+    async with api.deps.sessionmaker() as session:
+        copy = await session.get(Job, "job_copy")
+        assert copy is not None
+        assert (copy.account_id, copy.meta) == (account_id, {"copy": True})

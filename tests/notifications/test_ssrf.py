@@ -12,6 +12,7 @@ from aigen.notifications.ssrf import (
     IPAddress,
     UnresolvableHostError,
     UnsafeURLError,
+    check_without_resolving,
     resolve,
     validate_url,
 )
@@ -159,6 +160,26 @@ class TestMalformed:
     async def test_name_without_addresses(self, settings: Settings) -> None:
         with pytest.raises(UnresolvableHostError):
             await validate_url("http://nowhere.test/", settings, resolver=fake_resolver)
+
+
+class TestWithoutResolving:
+    """The check at `POST /v1/generate` remembers the URLs that passed: an answer given
+    under one allow-list or scheme rule must never stand for another."""
+
+    def test_each_setting_gets_its_own_answer(self, settings: Settings) -> None:
+        url = "http://10.1.2.3/hook"
+        allowed = settings.model_copy(update={"webhook_allow_networks": ["10.0.0.0/8"]})
+        empty = settings.model_copy(update={"webhook_allow_networks": []})
+        for _ in range(2):  # the second time from memory
+            check_without_resolving(url, allowed)
+            with pytest.raises(UnsafeURLError, match="private"):
+                check_without_resolving(url, empty)
+            with pytest.raises(UnsafeURLError, match="must be https"):
+                check_without_resolving(url, allowed, https_only=True)
+
+    def test_a_host_name_waits_for_the_attempt(self, settings: Settings) -> None:
+        empty = settings.model_copy(update={"webhook_allow_networks": []})
+        check_without_resolving("http://rebind.test/hook", empty)  # resolved at each attempt
 
 
 class TestPinnedURL:

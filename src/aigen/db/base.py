@@ -19,8 +19,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import DeclarativeBase, make_transient_to_detached
+from sqlalchemy.orm import DeclarativeBase, configure_mappers, make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.instrumentation import ClassManager
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -80,6 +81,30 @@ def one_of(column: ColumnElement[Any], values: Iterable[Any]) -> ColumnElement[b
 M = TypeVar("M", bound=Model)
 
 
+def build(model: type[M], values: Mapping[str, Any]) -> M:
+    """`model(**values)`, without the constructor's bookkeeping: the values go straight
+    into the new object's `__dict__`, where the mapped attributes read them.
+
+    The constructor sends each value through the attribute's set event, which records it
+    as a change for the unit of work: 20 µs for a job's fifteen columns, a tenth of what
+    the API's intake spends on a job. Objects built here are never flushed as they are:
+    a new job is inserted by a Core statement (`job_service.create_many`), and a loaded
+    row becomes persistent through `as_loaded`. `values` must name mapped attributes
+    only (the constructor would refuse another name; this does not check).
+    """
+    instance: M = _class_manager(model).new_instance()
+    instance.__dict__.update(values)
+    return instance
+
+
+@functools.cache
+def _class_manager(model: type[Model]) -> ClassManager[Any]:
+    # The constructor configures the mappers on first use; an object made without it
+    # would otherwise find its attributes not yet set up.
+    configure_mappers()
+    return model.__mapper__.class_manager
+
+
 def as_loaded(session: AsyncSession, model: type[M], row: Mapping[Any, Any]) -> M:
     """A row that a Core statement returned (`row`: its columns by key) as the session's
     object, as a query with `populate_existing` would have given it: the object the
@@ -101,7 +126,7 @@ def as_loaded(session: AsyncSession, model: type[M], row: Mapping[Any, Any]) -> 
         for attribute, value in values.items():
             set_committed_value(held, attribute, value)
         return held
-    instance = model(**values)
+    instance = build(model, values)
     make_transient_to_detached(instance)
     session.add(instance)
     return instance

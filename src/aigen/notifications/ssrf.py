@@ -139,8 +139,8 @@ def _split(url: str, *, https_only: bool) -> _Split:
     return _Split(parts, scheme, host, port, _literal_ip(host))
 
 
-def _check_addresses(split: _Split, addresses: Sequence[IPAddress], settings: Settings) -> None:
-    allow = allow_networks(settings.webhook_allow_networks)
+def _check_addresses(split: _Split, addresses: Sequence[IPAddress], cidrs: Iterable[str]) -> None:
+    allow = allow_networks(cidrs)
     for address in addresses:
         reason = refusal(address, allow)
         if reason is not None:
@@ -155,9 +155,16 @@ def check_without_resolving(url: str, settings: Settings, *, https_only: bool = 
     """Every check `validate_url` makes that needs no DNS: the form, the scheme, the port,
     and an address written in the URL. For a first answer at once (a job's
     `webhook_url`); a host name is still resolved and checked at each attempt."""
+    _check_form(url, https_only, tuple(settings.webhook_allow_networks))
+
+
+# A client sends the same webhook URL with every job: a URL that passed is remembered
+# (the checks cost a twentieth of the accept path's own CPU); one refused is not.
+@lru_cache(maxsize=1024)
+def _check_form(url: str, https_only: bool, allow: tuple[str, ...]) -> None:
     split = _split(url, https_only=https_only)
     if split.literal is not None:
-        _check_addresses(split, [split.literal], settings)
+        _check_addresses(split, [split.literal], allow)
 
 
 async def validate_url(
@@ -177,7 +184,7 @@ async def validate_url(
     )
     if not addresses:
         raise UnresolvableHostError(f"{host!r} did not resolve to any address")
-    _check_addresses(split, addresses, settings)
+    _check_addresses(split, addresses, settings.webhook_allow_networks)
     # Connect over IPv4 to an IPv4-mapped address: the same host, without needing IPv6.
     ip = addresses[0]
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:

@@ -33,7 +33,7 @@ from aigen.bus.messages import (
 )
 from aigen.clock import utcnow
 from aigen.db import notices
-from aigen.db.base import UTCDateTime, as_loaded, one_of, table
+from aigen.db.base import UTCDateTime, as_loaded, build, one_of, table
 from aigen.db.session import is_postgres
 from aigen.errors import AppError, Conflict, NotFound, RateLimited
 from aigen.ids import new_id
@@ -106,23 +106,24 @@ def new_row(principal: Principal, new: NewJob) -> Job:
     """The job as it will be stored once accepted (not yet added to any session), so that
     the `202` can be rendered before the transaction that stores it."""
     now = utcnow()
-    return Job(
-        id=new.id or new_id("job"),
-        account_id=principal.account_id,
-        api_key_id=principal.key_id,
-        model=new.model,
-        task=new.task,
-        input=new.input,
-        status=PENDING,
-        attempt=0,
-        webhook_url=new.webhook_url,
-        webhook_events=new.webhook_events,
-        meta=new.metadata,
-        credits_reserved=new.hold,
-        deadline_at=now + timedelta(seconds=new.deadline_s) if new.deadline_s else None,
-        created_at=now,
-        updated_at=now,
-    )
+    values = {
+        "id": new.id or new_id("job"),
+        "account_id": principal.account_id,
+        "api_key_id": principal.key_id,
+        "model": new.model,
+        "task": new.task,
+        "input": new.input,
+        "status": PENDING,
+        "attempt": 0,
+        "webhook_url": new.webhook_url,
+        "webhook_events": new.webhook_events,
+        "meta": new.metadata,
+        "credits_reserved": new.hold,
+        "deadline_at": now + timedelta(seconds=new.deadline_s) if new.deadline_s else None,
+        "created_at": now,
+        "updated_at": now,
+    }
+    return build(Job, values)
 
 
 async def create(
@@ -252,7 +253,9 @@ _INSERT_JOBS = insert(_JOBS)
 
 
 def _columns(job: Job) -> dict[str, Any]:
-    return {column: getattr(job, key) for key, column in _NEW_JOB_COLUMNS.items()}
+    # From the object's dict, as `new_row` left it: not through the mapped attributes.
+    values = vars(job)
+    return {column: values.get(key) for key, column in _NEW_JOB_COLUMNS.items()}
 
 
 def _over_concurrency(principal: Principal) -> ConcurrencyLimitError:
