@@ -8,6 +8,9 @@ before that (a body that does not validate) still counts, through `count_late`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from fastapi import Request
 
 from aigen.backend.principal import Principal
@@ -67,9 +70,15 @@ async def admit(
 
 
 def remember(request: Request, decision: Decision) -> None:
-    """Keep the decision for the route and put its headers on whatever answer leaves."""
+    """Keep the decision for the route; its headers go on whatever answer leaves
+    (`limit_headers`, rendered once, when the answer starts)."""
     request.state.limits = decision
-    request.state.response_headers = decision.headers()
+
+
+def limit_headers(state: Mapping[str, Any]) -> dict[str, str]:
+    """The rate-limit headers of the request whose ASGI `state` this is ({} if none)."""
+    decision: Decision | None = state.get("limits")
+    return decision.headers() if decision is not None else {}
 
 
 def add_concurrency(request: Request, principal: Principal, *, active: int) -> None:

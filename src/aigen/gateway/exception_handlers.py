@@ -25,7 +25,7 @@ def _request_id(request: Request) -> str | None:
 
 
 def _with_limits(request: Request, headers: dict[str, str]) -> dict[str, str]:
-    return {**getattr(request.state, "response_headers", {}), **headers}
+    return {**admission.limit_headers(request.scope.get("state", {})), **headers}
 
 
 async def app_error(request: Request, exc: Exception) -> Response:

@@ -7,6 +7,7 @@ import secrets
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .admission import limit_headers
 from .problem import problem_response
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -58,7 +59,7 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 out = MutableHeaders(scope=message)
                 out["X-Request-Id"] = request_id
-                for name, value in state.get("response_headers", {}).items():
+                for name, value in limit_headers(state).items():
                     if name not in out:
                         out[name] = value
             await send(message)
