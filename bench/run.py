@@ -94,6 +94,8 @@ class Report:
     started: float = field(default_factory=time.time)
     accept: dict[str, list[WrkResult]] = field(default_factory=dict)
     accept_ratio: dict[str, list[float]] = field(default_factory=dict)
+    # CPU ms per request of the process serving it (what the requests/s mostly follow).
+    accept_cpu: dict[str, list[float]] = field(default_factory=dict)
     paced: dict[str, tuple[float, WrkResult]] = field(default_factory=dict)
     pipeline: dict[str, EndToEnd] = field(default_factory=dict)
     cpu: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -158,6 +160,7 @@ async def accept(
     await asyncio.gather(*(wait_http(p, timeout=120) for p in (bare, api_a, api_b)))
     databases = {"embedded": emb_db, "production": pg_db}
     urls = {"bare": bare.url, "embedded": api_a.url, "production": api_b.url}
+    servers = {"bare": bare, "embedded": api_a, "production": api_b}
     assert all(urls.values())
 
     async def key_for(name: str) -> str | None:
@@ -187,6 +190,7 @@ async def accept(
                     out = res.root / f"profile-accept-{name}.txt"
                     pid = api_a.pid if name == "embedded" else api_b.pid
                     profiling = asyncio.create_task(record(pid, plan.accept_seconds - 1, out))
+                cpu_before = servers[name].cpu_seconds()
                 result = await run_wrk(
                     str(url),
                     body=ACCEPT_BODY,
@@ -194,6 +198,9 @@ async def accept(
                     seconds=plan.accept_seconds,
                     connections=plan.connections,
                 )
+                if result.requests:
+                    cpu_ms = (servers[name].cpu_seconds() - cpu_before) * 1000 / result.requests
+                    report.accept_cpu.setdefault(name, []).append(cpu_ms)
                 if profiling is not None:
                     await profiling
                 results[name] = result
@@ -507,6 +514,7 @@ def render(report: Report) -> str:
         rows = []
         for name, results in report.accept.items():
             ratios = report.accept_ratio.get(name)
+            cpu = report.accept_cpu.get(name)
             rows.append(
                 [
                     name,
@@ -514,6 +522,7 @@ def render(report: Report) -> str:
                     f"{med(r.p50_ms for r in results):.1f}",
                     f"{med(r.p99_ms for r in results):.1f}",
                     f"{med(ratios):.0%}" if ratios else "100%",
+                    f"{med(cpu):.2f}" if cpu else "",
                     str(sum(r.errors for r in results)),
                 ]
             )
@@ -521,7 +530,8 @@ def render(report: Report) -> str:
             "Accept path, POST /v1/generate, wrk -t1 -c"
             f"{report.plan.connections}, median of {report.plan.accept_rounds} alternating runs"
         )
-        out.append(table(["target", "req/s", "p50 ms", "p99 ms", "vs bare", "errors"], rows))
+        headers = ["target", "req/s", "p50 ms", "p99 ms", "vs bare", "server CPU ms/req", "errors"]
+        out.append(table(headers, rows))
     if report.paced:
         rows = [
             [name, f"{rate:.0f}", f"{r.rps:.0f}", f"{r.p50_ms:.1f}", f"{r.p99_ms:.1f}"]
