@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from sqlalchemy import bindparam, select
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import ColumnElement, bindparam, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -44,6 +47,46 @@ async def first_time(session: AsyncSession, consumer: str, event_id: str) -> boo
     inserted = await session.scalar(
         _RECORD[is_postgres(session)],
         {"consumer": consumer, "event_id": event_id, "processed_at": utcnow()},
+    )
+    return inserted is not None
+
+
+class Condition:
+    """A condition on other tables for `first_time_if`, with the statements built once.
+
+    `where` is a boolean SQL expression with bound parameters (an `EXISTS`), given with
+    their values at each call. The consumer's own state check then costs no round trip
+    of its own: the record and the check are one `INSERT … SELECT … WHERE`.
+    """
+
+    def __init__(self, where: ColumnElement[bool]) -> None:
+        values = select(
+            bindparam("consumer", type_=_TABLE.c.consumer.type),
+            bindparam("event_id", type_=_TABLE.c.event_id.type),
+            bindparam("processed_at", type_=_TABLE.c.processed_at.type),
+        ).where(where)
+        columns = ["consumer", "event_id", "processed_at"]
+        self.statements = {
+            postgres: insert(_TABLE)
+            .from_select(columns, values)
+            .on_conflict_do_nothing(index_elements=["consumer", "event_id"])
+            .returning(_TABLE.c.event_id)
+            for postgres, insert in ((True, pg_insert), (False, sqlite_insert))
+        }
+
+
+async def first_time_if(
+    session: AsyncSession,
+    consumer: str,
+    event_id: str,
+    condition: Condition,
+    params: Mapping[str, Any],
+) -> bool:
+    """`first_time`, only while `condition` holds (with `params`): False when the event
+    was recorded before or the condition is false, and then nothing is recorded."""
+    inserted = await session.scalar(
+        condition.statements[is_postgres(session)],
+        {**params, "consumer": consumer, "event_id": event_id, "processed_at": utcnow()},
     )
     return inserted is not None
 

@@ -215,11 +215,16 @@ async def _announce(
     job: Job,
     event: AIGenerationJobCompleted | AIGenerationJobFailed,
 ) -> bool:
-    """Queue the result event, with this consumer's inbox row; False when it was not."""
-    if not await inbox.first_time(session, CONSUMER, envelope.id):
-        return False
-    if not await job_service.is_running(session, job.id, job.attempt):
-        log.info("workflow.result_discarded", job_id=job.id, reason="job no longer running")
+    """Queue the result event, with this consumer's inbox row; False when it was not.
+
+    The inbox row is written only while the attempt is still running, in one statement.
+    """
+    running = job_service.running_params(job.id, job.attempt)
+    if not await inbox.first_time_if(session, CONSUMER, envelope.id, job_service.RUNNING, running):
+        # Announced before (a redelivery, said nothing of), or ended meanwhile: which one
+        # is read only now, on this rare path.
+        if not await job_service.is_running(session, job.id, job.attempt):
+            log.info("workflow.result_discarded", job_id=job.id, reason="job no longer running")
         return False
     await outbox.add_many(session, [Envelope.wrap(event, traceparent=envelope.traceparent)])
     return True

@@ -520,6 +520,23 @@ _STATUS_OF_ATTEMPT = select(_JOBS.c.status).where(
 )
 
 
+# True while the job's attempt is processing (params: `running_params`), for a
+# consumer's record of its result (`inbox.first_time_if`).
+RUNNING = inbox.Condition(
+    select(_JOBS.c.id)
+    .where(
+        _JOBS.c.id == bindparam("running_job_id"),
+        _JOBS.c.attempt == bindparam("running_attempt"),
+        _JOBS.c.status == PROCESSING,
+    )
+    .exists()
+)
+
+
+def running_params(job_id: str, attempt: int) -> dict[str, Any]:
+    return {"running_job_id": job_id, "running_attempt": attempt}
+
+
 async def is_running(session: AsyncSession, job_id: str, attempt: int) -> bool:
     status = await session.scalar(_STATUS_OF_ATTEMPT, {"job_id": job_id, "attempt": attempt})
     return status == PROCESSING
