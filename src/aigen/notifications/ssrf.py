@@ -159,7 +159,7 @@ def check_without_resolving(url: str, settings: Settings, *, https_only: bool = 
 
 
 # A client sends the same webhook URL with every job: a URL that passed is remembered
-# (the checks cost a twentieth of the accept path's own CPU); one refused is not.
+# (its checks took a few per cent of the accept path's CPU); one refused is not.
 @lru_cache(maxsize=1024)
 def _check_form(url: str, https_only: bool, allow: tuple[str, ...]) -> None:
     split = _split(url, https_only=https_only)

@@ -221,8 +221,8 @@ async def _announce(
     """
     running = job_service.running_params(job.id, job.attempt)
     if not await inbox.first_time_if(session, CONSUMER, envelope.id, job_service.RUNNING, running):
-        # Announced before (a redelivery, said nothing of), or ended meanwhile: which one
-        # is read only now, on this rare path.
+        # Recorded before (a redelivery: nothing to say), or the attempt has ended (a
+        # cancel, a sweep): which one is read only on this rare path.
         if not await job_service.is_running(session, job.id, job.attempt):
             log.info("workflow.result_discarded", job_id=job.id, reason="job no longer running")
         return False
