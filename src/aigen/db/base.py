@@ -116,7 +116,7 @@ def as_loaded(session: AsyncSession, model: type[M], row: Mapping[Any, Any]) -> 
     path to the same object, the worker's claim took a fifth more CPU, its transaction
     included (BENCHMARKS.md).
     """
-    values = {attribute: row[column] for column, attribute in _attributes(model).items()}
+    values = {attribute: row[column] for attribute, column in columns_of(model).items()}
     mapper = model.__mapper__
     identity = mapper.identity_key_from_primary_key(
         tuple(values[attribute] for attribute in _primary_key(model))
@@ -134,9 +134,10 @@ def as_loaded(session: AsyncSession, model: type[M], row: Mapping[Any, Any]) -> 
 
 
 @functools.cache
-def _attributes(model: type[Model]) -> dict[str, str]:
-    """Column key → attribute name (they differ where a column's name is a Python one)."""
-    return {attr.columns[0].key: attr.key for attr in model.__mapper__.column_attrs}
+def columns_of(model: type[Model]) -> dict[str, str]:
+    """Mapped attribute → its column's key (they differ where a column's name is a
+    Python one, as `Job.meta` for `metadata`): for Core statements on the table."""
+    return {attr.key: attr.columns[0].key for attr in model.__mapper__.column_attrs}
 
 
 @functools.cache

@@ -263,12 +263,7 @@ class Listener:
         connection = None
         try:
             connection = await asyncio.wait_for(asyncpg.connect(dsn), 10)
-            await connection.add_listener(
-                self.channel,
-                lambda _c, _pid, _channel, payload: self.heard(
-                    payload.split(",") if payload else ()
-                ),
-            )
+            await connection.add_listener(self.channel, self._on_payload)
         except Exception as error:
             # The waiters still look again when their waits time out.
             log.warning("notices.listen_failed", channel=self.channel, error=repr(error))
