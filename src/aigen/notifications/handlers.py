@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 import structlog
+from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aigen.backend.job import views
@@ -23,7 +24,7 @@ from aigen.clock import utcnow
 from aigen.config import Settings
 from aigen.db.group import GroupCommit
 from aigen.db.session import Sessionmaker
-from aigen.models import Job, WebhookDelivery
+from aigen.models import Account, Job, WebhookDelivery
 from aigen.models.job import CANCELED, COMPLETED, EXPIRED, FAILED
 from aigen.storage.base import AssetStore
 
@@ -74,7 +75,7 @@ def make_handler(
                 # reservation stands.
                 dispatcher.unreserve(reserved)
                 reserved = 0
-            job = await session.get(Job, envelope.job_id)
+            job = await _job_with_account(session, envelope.job_id)
             if job is not None and job.status not in EVENT_TYPES:
                 # The backend has not applied the result yet (it often races this very
                 # event): nothing is written, and the caller asks again shortly.
@@ -111,6 +112,22 @@ def make_handler(
     return handle
 
 
+# The job with its account, in one statement: the account's webhook secret signs the
+# deliveries to the job's own URL (`Dispatcher.prepare`), which then find it in the session.
+_JOB_WITH_ACCOUNT = (
+    select(Job, Account)
+    .join(Account, Account.id == Job.account_id)
+    .where(Job.id == bindparam("id"))
+)
+
+
+async def _job_with_account(session: AsyncSession, job_id: str | None) -> Job | None:
+    if job_id is None:
+        return None
+    row = (await session.execute(_JOB_WITH_ACCOUNT, {"id": job_id})).first()
+    return row[0] if row is not None else None
+
+
 @dataclass(frozen=True, slots=True)
 class Enqueued:
     """How many deliveries an event made, and those leased and prepared for the dispatcher."""
@@ -132,6 +149,8 @@ def make_payload_builder(store: AssetStore, settings: Settings) -> Any:
             base_url=settings.public_url,
             url_ttl=settings.asset_url_ttl_seconds,
             with_queue_position=False,
+            # Only a completed job has assets: the others need no query for them.
+            with_assets=job.status == COMPLETED,
         )
         return {
             "type": delivery.event_type,
