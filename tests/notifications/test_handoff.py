@@ -11,12 +11,14 @@ from typing import Any
 import pytest
 
 from aigen.bus.messages import AIGenerationJobCompleted, Envelope
+from aigen.clock import utcnow
 from aigen.config import Settings
 from aigen.db.session import Sessionmaker, unit_of_work
 from aigen.notifications import handlers, repository
 from aigen.notifications.dispatcher import Dispatcher
+from aigen.notifications.service import JOB_COMPLETED, JOB_FAILED
 
-from .factories import create_account, create_job
+from .factories import create_account, create_endpoint, create_job
 from .helpers import build_payload, eventually, load_attempts, load_deliveries, settled
 from .receiver import Answer, WebhookReceiverDouble
 
@@ -122,3 +124,45 @@ async def test_an_event_that_makes_no_new_delivery_gives_its_slots_back(
 
     assert len(await load_deliveries(sessionmaker)) == 1
     assert free == 2
+
+
+async def test_a_result_reaches_its_url_and_the_accounts_endpoints_that_receive_it(
+    sessionmaker: Sessionmaker, settings: Settings, receiver: WebhookReceiverDouble
+) -> None:
+    # The handler reads the job, its account and the account's endpoints together: each
+    # enabled endpoint subscribed to the event gets a delivery signed with its own secret,
+    # the job's own URL one signed with the account's; a disabled endpoint, one subscribed
+    # to other events and another account's endpoint get none.
+    async with unit_of_work(sessionmaker) as session:
+        account, other = await create_account(session), await create_account(session)
+        job = await create_job(session, account, webhook_url=receiver.url("/own"))
+        secrets = {
+            "/all": (await create_endpoint(session, account, url=receiver.url("/all"))).secret,
+            "/done": (
+                await create_endpoint(
+                    session, account, url=receiver.url("/done"), events=[JOB_COMPLETED]
+                )
+            ).secret,
+            "/own": account.webhook_secret,
+        }
+        await create_endpoint(session, account, url=receiver.url("/failures"), events=[JOB_FAILED])
+        await create_endpoint(
+            session, account, url=receiver.url("/off"), disabled_at=utcnow(), disabled_reason="x"
+        )
+        await create_endpoint(session, other, url=receiver.url("/other"))
+    dispatcher = Dispatcher(sessionmaker, settings, payload_builder=build_payload)
+    handle = handlers.make_handler(sessionmaker, dispatcher=dispatcher)
+    event = AIGenerationJobCompleted(
+        job_id=job.id, account_id=account.id, attempt=1, assets=[], usage={}
+    )
+    async with dispatching(dispatcher):
+        await handle(Envelope.wrap(event))
+        await asyncio.wait_for(receiver.wait_for(3), 10)
+        await eventually(lambda: settled(sessionmaker))
+
+    assert sorted(d.url for d in await load_deliveries(sessionmaker)) == sorted(
+        receiver.url(path) for path in secrets
+    )
+    assert sorted(r.path for r in receiver.requests) == sorted(secrets)
+    for request in receiver.requests:
+        assert request.verify(secrets[request.path])["data"]["id"] == job.id

@@ -24,7 +24,7 @@ from aigen.clock import utcnow
 from aigen.config import Settings
 from aigen.db.group import GroupCommit
 from aigen.db.session import Sessionmaker
-from aigen.models import Account, Job, WebhookDelivery
+from aigen.models import Account, Job, WebhookDelivery, WebhookEndpoint
 from aigen.models.job import CANCELED, COMPLETED, EXPIRED, FAILED
 from aigen.storage.base import AssetStore
 
@@ -75,7 +75,7 @@ def make_handler(
                 # reservation stands.
                 dispatcher.unreserve(reserved)
                 reserved = 0
-            job = await _job_with_account(session, envelope.job_id)
+            job, endpoints = await _job_and_endpoints(session, envelope.job_id)
             if job is not None and job.status not in EVENT_TYPES:
                 # The backend has not applied the result yet (it often races this very
                 # event): nothing is written, and the caller asks again shortly.
@@ -84,7 +84,11 @@ def make_handler(
                 return Enqueued(0, [])
             event_type = EVENT_TYPES[job.status]
             created = await service.enqueue(
-                session, job=job, event_type=event_type, lease=take if dispatcher else None
+                session,
+                job=job,
+                event_type=event_type,
+                lease=take if dispatcher else None,
+                endpoints=endpoints,
             )
             handed: list[tuple[repository.Claim, Prepared]] = []
             if dispatcher is not None:
@@ -112,20 +116,27 @@ def make_handler(
     return handle
 
 
-# The job with its account, in one statement: the account's webhook secret signs the
-# deliveries to the job's own URL (`Dispatcher.prepare`), which then find it in the session.
-_JOB_WITH_ACCOUNT = (
-    select(Job, Account)
+# The job, its account and the account's endpoints that receive events, in one statement:
+# the account's webhook secret signs the deliveries to the job's own URL
+# (`Dispatcher.prepare` finds it in the session), and the endpoints are the other targets.
+_JOB_AND_ENDPOINTS = (
+    select(Job, WebhookEndpoint, Account)
     .join(Account, Account.id == Job.account_id)
+    .outerjoin(WebhookEndpoint, service.receiving_events(Job.account_id))
     .where(Job.id == bindparam("id"))
+    .order_by(WebhookEndpoint.id)
 )
 
 
-async def _job_with_account(session: AsyncSession, job_id: str | None) -> Job | None:
+async def _job_and_endpoints(
+    session: AsyncSession, job_id: str | None
+) -> tuple[Job | None, list[WebhookEndpoint]]:
     if job_id is None:
-        return None
-    row = (await session.execute(_JOB_WITH_ACCOUNT, {"id": job_id})).first()
-    return row[0] if row is not None else None
+        return None, []
+    rows = (await session.execute(_JOB_AND_ENDPOINTS, {"id": job_id})).all()
+    if not rows:
+        return None, []
+    return rows[0][0], [endpoint for _, endpoint, _ in rows if endpoint is not None]
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,10 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from datetime import datetime
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import ColumnElement, and_, bindparam, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import InstrumentedAttribute
 
 from aigen.clock import utcnow
 from aigen.db.base import as_loaded, table
@@ -44,7 +45,12 @@ Lease = Callable[[int], tuple[int, datetime]]
 
 
 async def enqueue(
-    session: AsyncSession, *, job: Job, event_type: str, lease: Lease | None = None
+    session: AsyncSession,
+    *,
+    job: Job,
+    event_type: str,
+    lease: Lease | None = None,
+    endpoints: Sequence[WebhookEndpoint] | None = None,
 ) -> list[WebhookDelivery]:
     """Create the deliveries of `event_type` for `job`; returns only the ones created now.
 
@@ -52,6 +58,8 @@ async def enqueue(
     the unique (job, event type, target) and `INSERT … ON CONFLICT DO NOTHING`.
     With `lease`, the first deliveries are made already leased, their first attempt
     counted (as `repository.claim_due` leaves them): one statement, not two.
+    `endpoints`: the account's enabled endpoints in id order (`receiving_events`), when
+    the caller has read them already; otherwise they are read here.
     """
     if event_type not in EVENT_TYPES:
         raise ValueError(f"unknown webhook event type {event_type!r}")
@@ -59,7 +67,10 @@ async def enqueue(
     targets: list[tuple[str, str, str | None]] = []
     if job.webhook_url and _subscribed(job.webhook_events, event_type):
         targets.append((f"url:{job.webhook_url}", job.webhook_url, None))
-    endpoints = await session.scalars(_ENABLED_ENDPOINTS, {"account_id": job.account_id})
+    if endpoints is None:
+        endpoints = (
+            await session.scalars(_ENABLED_ENDPOINTS, {"account_id": job.account_id})
+        ).all()
     for endpoint in endpoints:
         if _subscribed(endpoint.events, event_type):
             targets.append((f"endpoint:{endpoint.id}", endpoint.url, endpoint.id))
@@ -94,12 +105,16 @@ async def enqueue(
     return created
 
 
+def receiving_events(
+    account_id: ColumnElement[str] | InstrumentedAttribute[str],
+) -> ColumnElement[bool]:
+    """Which endpoints receive the account's events: its own, unless disabled."""
+    return and_(WebhookEndpoint.account_id == account_id, WebhookEndpoint.disabled_at.is_(None))
+
+
 _ENABLED_ENDPOINTS = (
     select(WebhookEndpoint)
-    .where(
-        WebhookEndpoint.account_id == bindparam("account_id"),
-        WebhookEndpoint.disabled_at.is_(None),
-    )
+    .where(receiving_events(bindparam("account_id")))
     .order_by(WebhookEndpoint.id)
 )
 # Built once (see `db.base.table`); the ids of the rows made (not those already there).
