@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import select
 
 from aigen.clock import utcnow
 from aigen.config import Settings
 from aigen.db.session import Sessionmaker, unit_of_work
 from aigen.models import WebhookDelivery
-from aigen.notifications import repository, service
+from aigen.notifications import dispatcher, repository, service
 from aigen.notifications.dispatcher import Dispatcher
 from aigen.notifications.service import JOB_COMPLETED
 
@@ -56,13 +56,17 @@ class TestClaimDue:
         sessionmaker: Sessionmaker,
         settings: Settings,
         receiver: WebhookReceiverDouble,
+        monkeypatch: pytest.MonkeyPatch,
     ) -> None:
         delivery_id = await one_delivery(sessionmaker, receiver.url())
         # A notifier claimed it and died before settling.
-        (crashed,) = await claim(sessionmaker, lease=0.2)
+        (crashed,) = await claim(sessionmaker, lease=60)
         async with Dispatcher(sessionmaker, settings, payload_builder=build_payload) as d:
             assert await d.run_once() == 0
-            await asyncio.sleep(0.3)
+            # A minute later, by the dispatcher's clock (not by waiting: a wait as short
+            # as a test can afford is also as long as a stall of a loaded machine).
+            later = utcnow() + timedelta(seconds=61)
+            monkeypatch.setattr(dispatcher, "utcnow", lambda: later)
             assert await d.run_once() == 1
         (delivery,) = await load_deliveries(sessionmaker)
         assert (delivery.status, delivery.attempts) == ("delivered", 2)
