@@ -4,11 +4,14 @@ starts at once, without a claim, and only in the slots the dispatcher has free."
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from aigen.bus.messages import AIGenerationJobCompleted, Envelope
 from aigen.clock import utcnow
@@ -166,3 +169,34 @@ async def test_a_result_reaches_its_url_and_the_accounts_endpoints_that_receive_
     assert sorted(r.path for r in receiver.requests) == sorted(secrets)
     for request in receiver.requests:
         assert request.verify(secrets[request.path])["data"]["id"] == job.id
+
+
+async def test_a_result_reads_its_job_account_and_endpoints_once(
+    engine: AsyncEngine,
+    sessionmaker: Sessionmaker,
+    settings: Settings,
+    receiver: WebhookReceiverDouble,
+) -> None:
+    # The job, the account that signs the job's own deliveries and the endpoints come in
+    # one read, and the attempt handed over reads none of them again (each read is a
+    # round trip and a large part of the notifier's CPU per result).
+    envelope = await completed_job(sessionmaker, receiver.url())
+    tables: list[str] = []
+
+    def record(_c: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        read = re.match(r"SELECT\b.*?\bFROM\s+(\w+)", statement, re.DOTALL)
+        if read:
+            tables.append(read.group(1))
+
+    dispatcher = Dispatcher(sessionmaker, settings, payload_builder=build_payload)
+    handle = handlers.make_handler(sessionmaker, dispatcher=dispatcher)
+    async with dispatching(dispatcher):
+        event.listen(engine.sync_engine, "before_cursor_execute", record)
+        try:
+            await handle(envelope)
+        finally:
+            event.remove(engine.sync_engine, "before_cursor_execute", record)
+        await asyncio.wait_for(receiver.wait_for(1), 10)
+    # (The dispatcher's loop may claim meanwhile: `webhook_deliveries`.)
+    assert tables.count("jobs") == 1
+    assert not {"accounts", "webhook_endpoints"} & set(tables)

@@ -263,11 +263,15 @@ class Dispatcher:
                 return None
             return await self.prepare(session, delivery)
 
-    async def prepare(self, session: AsyncSession, delivery: WebhookDelivery) -> Prepared:
-        """What an attempt of `delivery` sends (or why it cannot), read in `session`."""
+    async def prepare(
+        self, session: AsyncSession, delivery: WebhookDelivery, *, account: Account | None = None
+    ) -> Prepared:
+        """What an attempt of `delivery` sends (or why it cannot), read in `session`;
+        `account`: the delivery's account, if the caller has read it already."""
         now = utcnow()
         if delivery.endpoint_id is None:
-            account = await session.get(Account, delivery.account_id)
+            if account is None or account.id != delivery.account_id:
+                account = await session.get(Account, delivery.account_id)
             message = Prepared(None, url=delivery.url)
             if account is not None:
                 message.secrets = [account.webhook_secret]

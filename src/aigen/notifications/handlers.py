@@ -75,7 +75,7 @@ def make_handler(
                 # reservation stands.
                 dispatcher.unreserve(reserved)
                 reserved = 0
-            job, endpoints = await _job_and_endpoints(session, envelope.job_id)
+            job, account, endpoints = await _job_and_targets(session, envelope.job_id)
             if job is not None and job.status not in EVENT_TYPES:
                 # The backend has not applied the result yet (it often races this very
                 # event): nothing is written, and the caller asks again shortly.
@@ -95,7 +95,8 @@ def make_handler(
                 for delivery in created:
                     if delivery.leased_until is not None:
                         claim = repository.Claim(delivery.id, delivery.attempts)
-                        handed.append((claim, await dispatcher.prepare(session, delivery)))
+                        message = await dispatcher.prepare(session, delivery, account=account)
+                        handed.append((claim, message))
             return Enqueued(len(created), handed)
 
         try:
@@ -117,10 +118,10 @@ def make_handler(
 
 
 # The job, its account and the account's endpoints that receive events, in one statement:
-# the account's webhook secret signs the deliveries to the job's own URL
-# (`Dispatcher.prepare` finds it in the session), and the endpoints are the other targets.
-_JOB_AND_ENDPOINTS = (
-    select(Job, WebhookEndpoint, Account)
+# the account's webhook secret signs the deliveries to the job's own URL, and the
+# endpoints are the other targets.
+_JOB_AND_TARGETS = (
+    select(Job, Account, WebhookEndpoint)
     .join(Account, Account.id == Job.account_id)
     .outerjoin(WebhookEndpoint, service.receiving_events(Job.account_id))
     .where(Job.id == bindparam("id"))
@@ -128,15 +129,16 @@ _JOB_AND_ENDPOINTS = (
 )
 
 
-async def _job_and_endpoints(
+async def _job_and_targets(
     session: AsyncSession, job_id: str | None
-) -> tuple[Job | None, list[WebhookEndpoint]]:
+) -> tuple[Job | None, Account | None, list[WebhookEndpoint]]:
     if job_id is None:
-        return None, []
-    rows = (await session.execute(_JOB_AND_ENDPOINTS, {"id": job_id})).all()
+        return None, None, []
+    rows = (await session.execute(_JOB_AND_TARGETS, {"id": job_id})).all()
     if not rows:
-        return None, []
-    return rows[0][0], [endpoint for _, endpoint, _ in rows if endpoint is not None]
+        return None, None, []
+    job, account, _ = rows[0]
+    return job, account, [endpoint for *_, endpoint in rows if endpoint is not None]
 
 
 @dataclass(frozen=True, slots=True)
