@@ -155,11 +155,11 @@ async def test_a_result_reaches_its_url_and_the_accounts_endpoints_that_receive_
         await create_endpoint(session, other, url=receiver.url("/other"))
     dispatcher = Dispatcher(sessionmaker, settings, payload_builder=build_payload)
     handle = handlers.make_handler(sessionmaker, dispatcher=dispatcher)
-    event = AIGenerationJobCompleted(
+    completed = AIGenerationJobCompleted(
         job_id=job.id, account_id=account.id, attempt=1, assets=[], usage={}
     )
     async with dispatching(dispatcher):
-        await handle(Envelope.wrap(event))
+        await handle(Envelope.wrap(completed))
         await asyncio.wait_for(receiver.wait_for(3), 10)
         await eventually(lambda: settled(sessionmaker))
 
