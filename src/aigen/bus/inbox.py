@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import ColumnElement, bindparam, select
+from sqlalchemy import ColumnElement, Select, bindparam, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -16,14 +16,26 @@ from aigen.db.session import is_postgres
 from aigen.models import InboxMessage
 
 _TABLE = table(InboxMessage)
+_COLUMNS = ["consumer", "event_id", "processed_at"]
+
+
+def _recording(values: Select[Any] | None = None) -> dict[bool, Any]:
+    """`INSERT … ON CONFLICT DO NOTHING RETURNING event_id` of an inbox row, for PostgreSQL
+    (True) and SQLite (False): of the bound values, or of `values` (`INSERT … SELECT`)."""
+    statements = {}
+    for postgres, insert in ((True, pg_insert), (False, sqlite_insert)):
+        statement = insert(_TABLE)
+        if values is not None:
+            statement = statement.from_select(_COLUMNS, values)
+        statements[postgres] = statement.on_conflict_do_nothing(
+            index_elements=["consumer", "event_id"]
+        ).returning(_TABLE.c.event_id)
+    return statements
+
+
 # Built once, with bound parameters: every consumer runs this for every event, and
 # building the statement anew (and its cache key) cost twice what executing it does.
-_RECORD = {
-    postgres: insert(_TABLE)
-    .on_conflict_do_nothing(index_elements=["consumer", "event_id"])
-    .returning(_TABLE.c.event_id)
-    for postgres, insert in ((True, pg_insert), (False, sqlite_insert))
-}
+_RECORD = _recording()
 # A condition for a statement of the consumer's own (the worker's claim): true while
 # the consumer has not recorded the event, with the parameters of `unrecorded_params`.
 UNRECORDED = ~(
@@ -44,11 +56,7 @@ async def first_time(session: AsyncSession, consumer: str, event_id: str) -> boo
     that is still being applied by another transaction makes this one wait for it, and
     then find the row (False) if it committed, or insert it (True) if it rolled back.
     """
-    inserted = await session.scalar(
-        _RECORD[is_postgres(session)],
-        {"consumer": consumer, "event_id": event_id, "processed_at": utcnow()},
-    )
-    return inserted is not None
+    return await _record(session, _RECORD, consumer, event_id, {})
 
 
 class Condition:
@@ -60,19 +68,10 @@ class Condition:
     """
 
     def __init__(self, where: ColumnElement[bool]) -> None:
-        values = select(
-            bindparam("consumer", type_=_TABLE.c.consumer.type),
-            bindparam("event_id", type_=_TABLE.c.event_id.type),
-            bindparam("processed_at", type_=_TABLE.c.processed_at.type),
-        ).where(where)
-        columns = ["consumer", "event_id", "processed_at"]
-        self.statements = {
-            postgres: insert(_TABLE)
-            .from_select(columns, values)
-            .on_conflict_do_nothing(index_elements=["consumer", "event_id"])
-            .returning(_TABLE.c.event_id)
-            for postgres, insert in ((True, pg_insert), (False, sqlite_insert))
-        }
+        values = select(*(bindparam(name, type_=_TABLE.c[name].type) for name in _COLUMNS)).where(
+            where
+        )
+        self.statements = _recording(values)
 
 
 async def first_time_if(
@@ -84,8 +83,18 @@ async def first_time_if(
 ) -> bool:
     """`first_time`, only while `condition` holds (with `params`): False when the event
     was recorded before or the condition is false, and then nothing is recorded."""
+    return await _record(session, condition.statements, consumer, event_id, params)
+
+
+async def _record(
+    session: AsyncSession,
+    statements: dict[bool, Any],
+    consumer: str,
+    event_id: str,
+    params: Mapping[str, Any],
+) -> bool:
     inserted = await session.scalar(
-        condition.statements[is_postgres(session)],
+        statements[is_postgres(session)],
         {**params, "consumer": consumer, "event_id": event_id, "processed_at": utcnow()},
     )
     return inserted is not None
