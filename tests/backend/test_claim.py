@@ -3,10 +3,20 @@ announced already (the inbox recorded it) claims nothing, however it comes again
 
 from __future__ import annotations
 
+import dataclasses
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import event, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from aigen.backend.job import service as job_service
 from aigen.bus import inbox
+from aigen.bus.messages import AIGenerationJobFailed, AIGenerationJobRequested, Envelope
+from aigen.clock import utcnow
 from aigen.db.session import unit_of_work
-from aigen.models import InboxMessage, Job
+from aigen.models import InboxMessage, Job, OutboxMessage
+from aigen.workflow import handlers as workflow
 from tests.fixtures.platform import Api
 
 
@@ -58,3 +68,111 @@ async def test_a_result_is_recorded_only_while_its_attempt_runs(api: Api) -> Non
         # The attempt ended (canceled): its result is not recorded.
         assert not await inbox.first_time_if(session, "workflow", "e2", job_service.RUNNING, first)
     assert not await recorded(api, "workflow", "e2")
+
+
+def _count_statements(engine: AsyncEngine) -> list[str]:
+    statements: list[str] = []
+    event.listen(engine.sync_engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    return statements
+
+
+async def _state(api: Api, job_id: str) -> tuple[str, int]:
+    async with api.deps.sessionmaker() as session:
+        job = await session.get(Job, job_id)
+        assert job is not None
+        return job.status, job.attempt
+
+
+async def test_claims_together_come_out_as_one_after_the_other(api: Api) -> None:
+    fresh = [(await api.pending_job())[0] for _ in range(3)]
+    announced, _ = await api.pending_job()
+    overdue, _ = await api.pending_job()
+    ended, account_id = await api.pending_job()
+    async with unit_of_work(api.deps.sessionmaker) as session:
+        # One job's result was announced with its message; one is past its deadline; one
+        # was canceled before any worker came.
+        assert await job_service.claim(session, announced, unless_recorded=("workflow", "e_a"))
+        assert await inbox.first_time(session, "workflow", "e_a")
+        await session.execute(
+            update(Job).where(Job.id == overdue).values(deadline_at=utcnow() - timedelta(seconds=1))
+        )
+    async with unit_of_work(api.deps.sessionmaker) as session:
+        await job_service.cancel(session, ended, account_id=account_id)
+    claims = [
+        (fresh[0], "e_0"),
+        (announced, "e_a"),  # its message again: claims nothing
+        (fresh[1], "e_1"),
+        (overdue, "e_o"),
+        (fresh[0], "e_0bis"),  # another message for a job claimed just before: claims again
+        (ended, "e_e"),
+        (fresh[2], "e_2"),
+    ]
+    async with unit_of_work(api.deps.sessionmaker) as session:
+        jobs = await job_service.claim_many(session, claims, consumer="workflow")
+
+    assert [(job.id, job.attempt) if job else None for job in jobs] == [
+        (fresh[0], 2),  # the session's one object of the job, claimed again below
+        None,
+        (fresh[1], 1),
+        None,
+        (fresh[0], 2),
+        None,
+        (fresh[2], 1),
+    ]
+    assert await _state(api, fresh[0]) == ("processing", 2)
+    assert await _state(api, fresh[2]) == ("processing", 1)
+    assert await _state(api, announced) == ("processing", 1)  # its result stays current
+    assert await _state(api, overdue) == ("expired", 0)
+    assert await _state(api, ended) == ("canceled", 0)
+
+
+async def test_claims_together_are_two_statements_however_many(api: Api) -> None:
+    jobs = [(await api.pending_job())[0] for _ in range(5)]
+    statements = _count_statements(api.deps.engine)
+    async with unit_of_work(api.deps.sessionmaker) as session:
+        claimed = await job_service.claim_many(
+            session, [(job_id, f"e_{job_id}") for job_id in jobs], consumer="workflow"
+        )
+    assert [job.id if job else None for job in claimed] == jobs
+    # The consumer's records among the events, and the multi-row claim.
+    assert len([s for s in statements if not s.startswith(("BEGIN", "COMMIT"))]) == 2
+
+
+async def test_results_together_are_recorded_only_while_their_attempts_run(api: Api) -> None:
+    jobs = [(await api.pending_job())[0] for _ in range(4)]
+    async with unit_of_work(api.deps.sessionmaker) as session:
+        claimed = await job_service.claim_many(
+            session, [(job_id, f"req_{job_id}") for job_id in jobs], consumer="workflow"
+        )
+    current, stale, canceled, again = [job for job in claimed if job is not None]
+    async with unit_of_work(api.deps.sessionmaker) as session:
+        # A newer attempt of one job started; another job was canceled; the third one's
+        # result was announced already (its message comes again).
+        assert await job_service.claim(session, stale.id) is not None
+        await job_service.cancel(session, canceled.id, account_id=canceled.account_id)
+        assert await inbox.first_time(session, "workflow", f"req_{again.id}")
+
+    def result(job: Job) -> Any:
+        event = AIGenerationJobFailed(
+            job_id=job.id,
+            account_id=job.account_id,
+            attempt=job.attempt,
+            error={"code": "test", "message": "scripted"},
+        )
+        requested = AIGenerationJobRequested(
+            job_id=job.id, account_id=job.account_id, model=job.model, input=job.input
+        )
+        request = dataclasses.replace(Envelope.wrap(requested), id=f"req_{job.id}")
+        return workflow._Result(request, job, event)
+
+    results = [result(job) for job in (current, stale, canceled, again)]
+    async with unit_of_work(api.deps.sessionmaker) as session:
+        announced = await workflow._announce_many(session, results)
+    assert announced == [True, False, False, False]
+    async with api.deps.sessionmaker() as session:
+        events = (await session.scalars(select(OutboxMessage.body))).all()
+    failed = [Envelope.from_json(body) for body in events]
+    assert [e.data["job_id"] for e in failed if e.type == "AIGenerationJobFailed"] == [current.id]
+    assert await recorded(api, "workflow", f"req_{current.id}")
+    assert not await recorded(api, "workflow", f"req_{stale.id}")
+    assert not await recorded(api, "workflow", f"req_{canceled.id}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -128,3 +129,73 @@ async def test_a_cancelled_caller_does_not_stop_the_batch(sessionmaker: Sessionm
     async with sessionmaker() as session:
         count = await session.scalar(select(func.count()).select_from(InboxMessage))
     assert count == 2
+
+
+async def test_batched_items_of_one_work_go_in_one_call(sessionmaker: Sessionmaker) -> None:
+    commits = _count_commits(sessionmaker.kw["bind"])
+    group = GroupCommit(sessionmaker)
+    calls: list[list[str]] = []
+
+    async def record_all(session: AsyncSession, event_ids: Sequence[str]) -> list[bool]:
+        calls.append(list(event_ids))
+        fresh = await inbox.first_time_many(session, "test", event_ids)
+        return [event_id in fresh for event_id in event_ids]
+
+    gate = asyncio.Event()
+
+    async def blocker(session: AsyncSession) -> None:
+        await gate.wait()
+
+    first = asyncio.ensure_future(group.run(blocker))
+    await asyncio.sleep(0)  # the first batch starts; the rest queue behind it
+    queued = [group.run_batched(record_all, f"evt_{n}", order="b") for n in range(5)] + [
+        group.run(lambda s: inbox.first_time(s, "test", "evt_unit"), order="a"),
+        # Recorded by the unit that runs before it: its order comes first.
+        group.run_batched(record_all, "evt_unit", order="b"),
+    ]
+    tasks = [asyncio.ensure_future(q) for q in queued]
+    await asyncio.sleep(0.05)
+    gate.set()
+    await first
+    results = await asyncio.gather(*tasks)
+
+    assert results == [True] * 5 + [True, False]
+    # The plain unit (order "a") ran first, then one call with every batched item.
+    assert calls == [["evt_0", "evt_1", "evt_2", "evt_3", "evt_4", "evt_unit"]]
+    assert len(commits) == 1  # theirs (the blocker's transaction wrote nothing)
+    assert await _recorded(sessionmaker) == {"evt_unit", *(f"evt_{n}" for n in range(5))}
+
+
+async def test_a_failing_batched_call_runs_each_item_alone(sessionmaker: Sessionmaker) -> None:
+    group = GroupCommit(sessionmaker)
+    calls: list[list[str]] = []
+
+    async def record_all(session: AsyncSession, event_ids: Sequence[str]) -> list[bool]:
+        calls.append(list(event_ids))
+        fresh = await inbox.first_time_many(session, "test", event_ids)
+        if "evt_bad" in event_ids:
+            raise ValueError("evt_bad is bad")
+        return [event_id in fresh for event_id in event_ids]
+
+    async def miscounting(session: AsyncSession, event_ids: Sequence[str]) -> list[bool]:
+        return []
+
+    gate = asyncio.Event()
+    first = asyncio.ensure_future(group.run(lambda s: gate.wait()))
+    await asyncio.sleep(0)
+    tasks = [
+        asyncio.ensure_future(group.run_batched(record_all, name))
+        for name in ("evt_a", "evt_bad", "evt_b")
+    ]
+    wrong = asyncio.ensure_future(group.run_batched(miscounting, "evt_c", order="z"))
+    await asyncio.sleep(0.05)
+    gate.set()
+    await first
+    results = await asyncio.gather(*tasks, wrong, return_exceptions=True)
+
+    assert results[0] is True
+    assert results[2] is True
+    assert isinstance(results[1], ValueError)
+    assert isinstance(results[3], RuntimeError)  # a work must give one result per item
+    assert calls == [["evt_a", "evt_bad", "evt_b"], ["evt_a"], ["evt_bad"], ["evt_b"]]
+    assert await _recorded(sessionmaker) == {"evt_a", "evt_b"}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, bindparam, select
@@ -57,6 +57,31 @@ async def first_time(session: AsyncSession, consumer: str, event_id: str) -> boo
     then find the row (False) if it committed, or insert it (True) if it rolled back.
     """
     return await _record(session, _RECORD, consumer, event_id, {})
+
+
+async def first_time_many(
+    session: AsyncSession, consumer: str, event_ids: Sequence[str]
+) -> set[str]:
+    """`first_time` of several events, in one multi-row statement: those recorded now."""
+    if not event_ids:
+        return set()
+    now = utcnow()
+    rows = [{"consumer": consumer, "event_id": e, "processed_at": now} for e in event_ids]
+    return set((await session.scalars(_RECORD[is_postgres(session)], rows)).all())
+
+
+async def recorded(session: AsyncSession, consumer: str, event_ids: Sequence[str]) -> set[str]:
+    """Those of `event_ids` that `consumer` has recorded (before this statement)."""
+    if not event_ids:
+        return set()
+    params = {"consumer": consumer, "event_ids": list(event_ids)}
+    return set((await session.scalars(_RECORDED, params)).all())
+
+
+_RECORDED = select(_TABLE.c.event_id).where(
+    _TABLE.c.consumer == bindparam("consumer"),
+    _TABLE.c.event_id.in_(bindparam("event_ids", expanding=True)),
+)
 
 
 class Condition:

@@ -13,6 +13,12 @@ may run twice: when any unit of a batch raises, the whole transaction is rolled 
 and every unit runs again in a transaction of its own, so that one unit's error (a
 deadlock, a constraint) is that unit's alone and the others still commit. When the
 database cannot be reached, the units queued behind the failed batch fail with it.
+
+Units of one kind can also share their statements (`run_batched`): a function of the
+session and a list of items, which does for all of them at once what a unit does for
+one (a multi-row `UPDATE … RETURNING`, say), and returns one result per item. A
+transaction then makes a few statements for a whole batch, not a few per unit; alone,
+after a failed batch, such an item runs as a list of one.
 """
 
 from __future__ import annotations
@@ -30,8 +36,11 @@ from .errors import unreachable
 from .session import Sessionmaker, unit_of_work
 
 T = TypeVar("T")
+I = TypeVar("I")  # noqa: E741 (an item: the usual name beside T)
 Work = Callable[[AsyncSession], Awaitable[T]]
-_Queued = tuple[str, Work[Any], "asyncio.Future[Any]"]
+# Items → one result per item, in their order: `run_batched`.
+BatchWork = Callable[[AsyncSession, Sequence[I]], Awaitable[Sequence[T]]]
+_Queued = tuple[str, BatchWork[Any, Any], Any, "asyncio.Future[Any]"]
 
 # Enough to amortise a transaction many times over, few enough that one transaction
 # (and the row locks it holds) stays short.
@@ -58,10 +67,20 @@ class GroupCommit(Batcher[_Queued]):
         Cancelling the caller does not take the unit out of a transaction already
         running: it may still commit, as it may after a crash of the caller.
         """
+        return await self._queue(order, _each, work)
+
+    async def run_batched(self, work: BatchWork[I, T], item: I, *, order: str = "") -> T:
+        """Run `work` for `item`, with the other items of the same `work` queued with it:
+        the units of a transaction, sorted by `order`, are cut into runs of the same
+        `work`, and each run is one call with its items. So give the items of one
+        `work` the same `order` (they then all go in one call); `run` then applies."""
+        return await self._queue(order, work, item)
+
+    async def _queue(self, order: str, work: BatchWork[Any, T], item: Any) -> T:
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         # Retrieved even when the caller is gone: no "exception never retrieved".
         future.add_done_callback(lambda done: done.cancelled() or done.exception())
-        self._submit((order, work, future))
+        self._submit((order, work, item, future))
         return await asyncio.shield(future)
 
     async def _run_batch(self, batch: list[_Queued]) -> None:
@@ -77,7 +96,9 @@ class GroupCommit(Batcher[_Queued]):
         if len(batch) > 1:
             try:
                 async with unit_of_work(self._sessionmaker) as session:
-                    results = [await work(session) for _, work, _ in batch]
+                    results = []
+                    for work, items in _runs(batch):
+                        results += await _call(work, session, items)
             except Exception as error:
                 if unreachable(error):
                     self._fail_all(batch, error)
@@ -89,10 +110,10 @@ class GroupCommit(Batcher[_Queued]):
                         future.set_result(result)
                 return
         # One unit, or a batch that failed: each in a transaction of its own.
-        for number, (_, work, future) in enumerate(batch):
+        for number, (_, work, item, future) in enumerate(batch):
             try:
                 async with unit_of_work(self._sessionmaker) as session:
-                    result = await work(session)
+                    [result] = await _call(work, session, [item])
             except Exception as error:
                 if unreachable(error):
                     self._fail_all(batch[number:], error)
@@ -107,6 +128,29 @@ class GroupCommit(Batcher[_Queued]):
         timeouts in turn, so they fail now too, as their own transactions would."""
         for *_, future in [*batch, *self._take_waiting()]:
             _fail(future, error)
+
+
+async def _each(session: AsyncSession, works: Sequence[Work[Any]]) -> list[Any]:
+    # `run`'s units: each a function of the session, one after another.
+    return [await work(session) for work in works]
+
+
+def _runs(batch: Sequence[_Queued]) -> list[tuple[BatchWork[Any, Any], list[Any]]]:
+    """The batch cut into runs of the same work, in order: one call each."""
+    runs: list[tuple[BatchWork[Any, Any], list[Any]]] = []
+    for _, work, item, _ in batch:
+        if runs and runs[-1][0] == work:  # (==: a bound method is a new object each time)
+            runs[-1][1].append(item)
+        else:
+            runs.append((work, [item]))
+    return runs
+
+
+async def _call(work: BatchWork[Any, Any], session: AsyncSession, items: list[Any]) -> list[Any]:
+    results = list(await work(session, items))
+    if len(results) != len(items):
+        raise RuntimeError(f"{work!r} gave {len(results)} results for {len(items)} items")
+    return results
 
 
 def _fail(future: asyncio.Future[Any], error: BaseException) -> None:

@@ -13,7 +13,8 @@ import asyncio
 import hashlib
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -70,13 +71,14 @@ class Workflow:
         self._providers = providers
         self._store = store
         self._settings = settings
-        # The claims, and the announcements, of the jobs in hand share transactions.
+        # The claims, and the announcements, of the jobs in hand share transactions, and
+        # their statements: one multi-row claim, and one record of results, for all.
         self._group = GroupCommit(sessionmaker)
 
     async def handle(self, envelope: Envelope) -> None:
         message = envelope.message()
         assert isinstance(message, AIGenerationJobRequested)
-        job = await self._group.run(lambda session: _claim(session, envelope.id, message.job_id))
+        job = await self._group.run_batched(_claim_many, (message.job_id, envelope.id), order="1")
         if job is None:
             log.info("workflow.skipped", job_id=message.job_id, reason="not claimable")
             return
@@ -103,7 +105,9 @@ class Workflow:
                 attempt=job.attempt,
                 error=error.as_error(),
             )
-        announced = await self._group.run(lambda session: _announce(session, envelope, job, event))
+        announced = await self._group.run_batched(
+            _announce_many, _Result(envelope, job, event), order="2"
+        )
         if announced:
             bound.info("workflow.finished", event_type=type(event).__name__)
 
@@ -204,9 +208,42 @@ class Workflow:
         return refs
 
 
-async def _claim(session: AsyncSession, event_id: str, job_id: str) -> Job | None:
+async def _claim_many(session: AsyncSession, claims: Sequence[tuple[str, str]]) -> list[Job | None]:
     # A message announced before (a redelivery) claims nothing: the inbox row says so.
-    return await job_service.claim(session, job_id, unless_recorded=(CONSUMER, event_id))
+    return await job_service.claim_many(session, claims, consumer=CONSUMER)
+
+
+@dataclass(frozen=True, slots=True)
+class _Result:
+    envelope: Envelope  # the message the job came with
+    job: Job  # as claimed: its attempt
+    event: AIGenerationJobCompleted | AIGenerationJobFailed
+
+
+async def _announce_many(session: AsyncSession, results: Sequence[_Result]) -> list[bool]:
+    """`_announce` of several results in three statements for all of them: the attempts
+    still running, the inbox rows of their messages, and the result events."""
+    if len(results) == 1:
+        [result] = results
+        return [await _announce(session, result.envelope, result.job, result.event)]
+    running = await job_service.running_attempts(session, [r.job.id for r in results])
+    current = [r for r in results if running.get(r.job.id) == r.job.attempt]
+    fresh = await inbox.first_time_many(session, CONSUMER, [r.envelope.id for r in current])
+    announced: list[bool] = []
+    events: list[Envelope] = []
+    for result in results:
+        if running.get(result.job.id) != result.job.attempt:
+            reason = "job no longer running"
+            log.info("workflow.result_discarded", job_id=result.job.id, reason=reason)
+            announced.append(False)
+        elif result.envelope.id in fresh:
+            fresh.discard(result.envelope.id)  # (the same message twice: announced once)
+            events.append(Envelope.wrap(result.event, traceparent=result.envelope.traceparent))
+            announced.append(True)
+        else:
+            announced.append(False)  # recorded before: a redelivery, nothing to say
+    await outbox.add_many(session, events)
+    return announced
 
 
 async def _announce(

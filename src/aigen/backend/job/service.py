@@ -398,12 +398,11 @@ def _claim_statement(*conditions: Any) -> Any:
     return (
         update(_JOBS)
         .where(
-            _JOBS.c.id == bindparam("job_id"),
+            *conditions,
             one_of(_JOBS.c.status, ACTIVE),
             or_(
                 _JOBS.c.status != PENDING, _JOBS.c.deadline_at.is_(None), _JOBS.c.deadline_at > _NOW
             ),
-            *conditions,
         )
         .values(
             status=PROCESSING,
@@ -415,8 +414,9 @@ def _claim_statement(*conditions: Any) -> Any:
     )
 
 
-_CLAIM = _claim_statement()
-_CLAIM_UNLESS_RECORDED = _claim_statement(inbox.UNRECORDED)
+_CLAIM = _claim_statement(_JOBS.c.id == bindparam("job_id"))
+_CLAIM_UNLESS_RECORDED = _claim_statement(_JOBS.c.id == bindparam("job_id"), inbox.UNRECORDED)
+_CLAIM_MANY = _claim_statement(_JOBS.c.id.in_(bindparam("job_ids", expanding=True)))
 
 
 async def claim(
@@ -448,6 +448,38 @@ async def claim(
         # a pending job's: the worker records it only once it has claimed the job.)
         await expire(session, job)
     return None
+
+
+async def claim_many(
+    session: AsyncSession, claims: Sequence[tuple[str, str]], *, consumer: str
+) -> list[Job | None]:
+    """`claim` of several jobs, each `(job id, event id)` `unless_recorded` by `consumer`:
+    the same outcome as one `claim` after another, in two statements for all of them
+    (the consumer's records among the events, then one multi-row claim), not one each.
+
+    What those two leave unclaimed goes through `claim` again, one by one: a job past
+    its deadline (expired there), one not active, or a second message for a job that
+    the first claimed (it claims it again, as it would one after the other).
+    """
+    if len(claims) == 1:
+        [(job_id, event_id)] = claims
+        return [await claim(session, job_id, unless_recorded=(consumer, event_id))]
+    recorded = await inbox.recorded(session, consumer, [event_id for _, event_id in claims])
+    first: dict[str, int] = {}  # job id → the claim that goes in the multi-row statement
+    for number, (job_id, event_id) in enumerate(claims):
+        if event_id not in recorded:
+            first.setdefault(job_id, number)
+    rows = await session.execute(_CLAIM_MANY, {"job_ids": list(first), "now": utcnow()})
+    claimed = {row["id"]: as_loaded(session, Job, row) for row in rows.mappings()}
+    jobs: list[Job | None] = []
+    for number, (job_id, event_id) in enumerate(claims):
+        if event_id in recorded:
+            jobs.append(None)
+        elif first[job_id] == number and job_id in claimed:
+            jobs.append(claimed[job_id])
+        else:
+            jobs.append(await claim(session, job_id, unless_recorded=(consumer, event_id)))
+    return jobs
 
 
 async def expire(session: AsyncSession, job: Job) -> Job | None:
@@ -531,6 +563,17 @@ RUNNING = inbox.Condition(
 
 def running_params(job_id: str, attempt: int) -> dict[str, Any]:
     return {"running_job_id": job_id, "running_attempt": attempt}
+
+
+async def running_attempts(session: AsyncSession, job_ids: Sequence[str]) -> dict[str, int]:
+    """The attempt now processing of each of `job_ids` that is processing."""
+    rows = await session.execute(_RUNNING_ATTEMPTS, {"job_ids": list(job_ids)})
+    return {job_id: attempt for job_id, attempt in rows}
+
+
+_RUNNING_ATTEMPTS = select(_JOBS.c.id, _JOBS.c.attempt).where(
+    _JOBS.c.id.in_(bindparam("job_ids", expanding=True)), _JOBS.c.status == PROCESSING
+)
 
 
 async def is_running(session: AsyncSession, job_id: str, attempt: int) -> bool:
