@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -10,12 +11,13 @@ from sqlalchemy import select
 from aigen.clock import utcnow
 from aigen.config import Settings
 from aigen.db.session import Sessionmaker, unit_of_work
-from aigen.models import WebhookDelivery
+from aigen.models import WebhookDelivery, WebhookEndpoint
 from aigen.notifications import dispatcher, repository, service
 from aigen.notifications.dispatcher import Dispatcher
+from aigen.notifications.sender import AttemptResult
 from aigen.notifications.service import JOB_COMPLETED
 
-from .factories import create_account, create_job
+from .factories import create_account, create_endpoint, create_job
 from .helpers import build_payload, load_attempts, load_deliveries
 from .receiver import WebhookReceiverDouble
 
@@ -76,3 +78,98 @@ class TestClaimDue:
         (delivery,) = await load_deliveries(sessionmaker)
         assert delivery.status == "delivered"
         assert len(await load_attempts(sessionmaker, delivery_id)) == 1
+
+
+class TestAttemptsEndingTogether:
+    async def test_successes_are_settled_in_one_statement_and_only_if_still_claimed(
+        self, sessionmaker: Sessionmaker
+    ) -> None:
+        for n in range(3):
+            await one_delivery(sessionmaker, f"https://hooks.example.com/{n}")
+        claims = await claim(sessionmaker)
+        async with unit_of_work(sessionmaker) as session:
+            # The last one's lease ran out and another notifier claimed it again.
+            again = await session.get(WebhookDelivery, claims[2].id)
+            assert again is not None
+            again.attempts += 1
+        now = utcnow()
+        async with unit_of_work(sessionmaker) as session:
+            applied = await repository.settle_delivered(session, claims, now)
+
+        assert applied == {claims[0].id, claims[1].id}
+        states = {d.id: d for d in await load_deliveries(sessionmaker)}
+        for settled in claims[:2]:
+            delivery = states[settled.id]
+            assert (delivery.status, delivery.delivered_at) == ("delivered", now)
+            assert (delivery.leased_until, delivery.next_attempt_at) == (None, None)
+        assert states[claims[2].id].status == "pending"
+
+    async def test_recorded_together_as_each_would_be_alone(
+        self, sessionmaker: Sessionmaker, settings: Settings
+    ) -> None:
+        ok = AttemptResult(status_code=200, latency_ms=3, response_body="ok")
+        down = AttemptResult(status_code=503, latency_ms=4, response_body="down")
+        since = utcnow() - timedelta(minutes=5)
+        urls = [f"https://hooks.example.com/{n}" for n in range(4)]
+        for url in urls:
+            await one_delivery(sessionmaker, url)
+        async with unit_of_work(sessionmaker) as session:
+            account = await create_account(session)
+            endpoint = await create_endpoint(
+                session, account, url="https://hooks.example.com/e", failing_since=since
+            )
+            job = await create_job(session, account)
+            await service.enqueue(session, job=job, event_type=JOB_COMPLETED)
+        claims = await claim(sessionmaker)
+        by_url = {d.id: d.url for d in await load_deliveries(sessionmaker)}
+        to = {by_url[c.id]: c for c in claims}
+        superseded = to[urls[3]]
+        async with unit_of_work(sessionmaker) as session:
+            taken = await session.get(WebhookDelivery, superseded.id)
+            assert taken is not None
+            taken.attempts += 1
+        attempted_at = utcnow()
+
+        def ended(url: str, result: AttemptResult) -> Any:
+            message = dispatcher.Prepared(endpoint.id if url.endswith("/e") else None, url=url)
+            return dispatcher._Ended(to[url], message, result, attempted_at)
+
+        attempts = [
+            ended(urls[0], ok),
+            ended(urls[1], down),
+            ended("https://hooks.example.com/e", ok),
+            ended(urls[2], ok),
+            ended(urls[3], ok),
+        ]
+        async with (
+            Dispatcher(sessionmaker, settings, payload_builder=build_payload) as d,
+            unit_of_work(sessionmaker) as session,
+        ):
+            settled = await d._record(session, attempts)
+
+        assert [(planned, outcome) for planned, outcome, _ in settled] == [
+            ("delivered", "delivered"),
+            ("pending", "pending"),
+            ("delivered", "delivered"),
+            ("delivered", "delivered"),
+            ("delivered", "superseded"),
+        ]
+        assert settled[1][2] is not None  # the retry's time
+        states = {d.url: d for d in await load_deliveries(sessionmaker)}
+        assert [states[url].status for url in urls] == [
+            "delivered",
+            "pending",
+            "delivered",
+            "pending",
+        ]
+        assert states["https://hooks.example.com/e"].status == "delivered"
+        async with sessionmaker() as session:
+            cleared = await session.get(WebhookEndpoint, endpoint.id)
+            assert cleared is not None
+            assert cleared.failing_since is None  # a success ends the endpoint's failing spell
+        for url, result in [(urls[0], ok), (urls[1], down), (urls[3], ok)]:
+            (row,) = await load_attempts(sessionmaker, to[url].id)
+            assert (row.status_code, row.response_body) == (
+                result.status_code,
+                result.response_body,
+            )

@@ -58,6 +58,10 @@ RETRY_WAKE_MARGIN_SECONDS = 0.005
 
 # Built once (see `db.base.table`): every attempt writes one.
 _ADD_ATTEMPT = insert(table(WebhookAttempt))
+# The outcome of an attempt that outlived its claim (`_record`).
+SUPERSEDED = "superseded"
+# An attempt's (planned status, outcome, next attempt at), once recorded.
+Settled = tuple[str, str, datetime | None]
 
 log = structlog.get_logger(__name__)
 
@@ -309,33 +313,9 @@ class Dispatcher:
         result: sender.AttemptResult,
         attempted_at: datetime,
     ) -> None:
-        async def record(session: AsyncSession) -> tuple[str, str, datetime | None]:
-            """The attempt's row and the delivery's new state: (planned, outcome, retry at)."""
-            now = utcnow()
-            await session.execute(
-                _ADD_ATTEMPT,
-                {
-                    "delivery_id": claim.id,
-                    "attempted_at": attempted_at,
-                    "status_code": result.status_code,
-                    "latency_ms": result.latency_ms,
-                    "response_body": result.response_body,
-                    "error": result.error,
-                },
-            )
-            endpoint = None
-            if message.endpoint_id is not None:
-                endpoint = await session.get(WebhookEndpoint, message.endpoint_id)
-            values, endpoint_values = self._outcome(claim, message, result, endpoint, now)
-            if not await repository.settle(session, claim, **values):
-                # Another claim owns the delivery now: keep the attempt row, change nothing else.
-                return values["status"], "superseded", None
-            for name, value in endpoint_values.items():
-                setattr(endpoint, name, value)
-            return values["status"], values["status"], values["next_attempt_at"]
-
-        planned, outcome, retry_at = await self._settlements.run(record)
-        if outcome == "superseded":
+        ended = _Ended(claim, message, result, attempted_at)
+        planned, outcome, retry_at = await self._settlements.run_batched(self._record, ended)
+        if outcome == SUPERSEDED:
             log.info("webhook attempt outlived its claim", delivery_id=claim.id)
         if retry_at is not None:
             # Claim it at its time rather than at the next idle poll.
@@ -351,6 +331,37 @@ class Dispatcher:
             error=result.error,
             outcome=planned,
         )
+
+    async def _record(self, session: AsyncSession, attempts: Sequence[_Ended]) -> list[Settled]:
+        """The attempts' rows and their deliveries' new states, for all of them at once:
+        one multi-row INSERT of the attempts, and one UPDATE of the deliveries to a job's
+        own URL that succeeded (most of them); the others one by one (they may change
+        their endpoint too)."""
+        now = utcnow()
+        await session.execute(_ADD_ATTEMPT, [_attempt_row(ended) for ended in attempts])
+        simple = [ended.claim for ended in attempts if _delivered_to_url(ended)]
+        delivered = await repository.settle_delivered(session, simple, now)
+        settled: list[Settled] = []
+        for ended in attempts:
+            if _delivered_to_url(ended):
+                outcome = DELIVERED if ended.claim.id in delivered else SUPERSEDED
+                settled.append((DELIVERED, outcome, None))
+            else:
+                settled.append(await self._record_one(session, ended, now))
+        return settled
+
+    async def _record_one(self, session: AsyncSession, ended: _Ended, now: datetime) -> Settled:
+        claim, message = ended.claim, ended.message
+        endpoint = None
+        if message.endpoint_id is not None:
+            endpoint = await session.get(WebhookEndpoint, message.endpoint_id)
+        values, endpoint_values = self._outcome(claim, message, ended.result, endpoint, now)
+        if not await repository.settle(session, claim, **values):
+            # Another claim owns the delivery now: keep the attempt row, change nothing else.
+            return values["status"], SUPERSEDED, None
+        for name, value in endpoint_values.items():
+            setattr(endpoint, name, value)
+        return values["status"], values["status"], values["next_attempt_at"]
 
     def _outcome(
         self,
@@ -390,6 +401,33 @@ class Dispatcher:
             return failed, endpoint_values
         retry_at = now + timedelta(seconds=delay)
         return {"status": PENDING, "next_attempt_at": retry_at}, endpoint_values
+
+
+@dataclass(frozen=True, slots=True)
+class _Ended:
+    """An attempt made, to record: its claim, what it sent, how it went and when."""
+
+    claim: repository.Claim
+    message: Prepared
+    result: sender.AttemptResult
+    attempted_at: datetime
+
+
+def _attempt_row(ended: _Ended) -> dict[str, Any]:
+    result = ended.result
+    return {
+        "delivery_id": ended.claim.id,
+        "attempted_at": ended.attempted_at,
+        "status_code": result.status_code,
+        "latency_ms": result.latency_ms,
+        "response_body": result.response_body,
+        "error": result.error,
+    }
+
+
+def _delivered_to_url(ended: _Ended) -> bool:
+    # A success with no endpoint to update: `delivered`, the same for every such attempt.
+    return ended.result.ok and ended.message.endpoint_id is None
 
 
 def _endpoint_secrets(endpoint: WebhookEndpoint, now: datetime) -> list[str]:

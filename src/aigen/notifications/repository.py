@@ -10,17 +10,18 @@ it was redelivered), the late outcome is logged as an attempt but changes nothin
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, or_, select, update
+from sqlalchemy import bindparam, or_, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aigen.db.base import table
 from aigen.models import WebhookDelivery
 
-from .service import PENDING
+from .service import DELIVERED, PENDING
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +67,29 @@ async def settle(session: AsyncSession, claim: Claim, **values: Any) -> bool:
     return settled is not None
 
 
+async def settle_delivered(
+    session: AsyncSession, claims: Sequence[Claim], now: datetime
+) -> set[str]:
+    """`settle` of several claims as delivered at `now`, in one statement: the ids of
+    those applied (the others were claimed again since)."""
+    if not claims:
+        return set()
+    params = {"claims": [(claim.id, claim.attempt) for claim in claims], "now": now}
+    return set((await session.scalars(_SETTLE_DELIVERED, params)).all())
+
+
 _DELIVERIES = table(WebhookDelivery)
+_SETTLE_DELIVERED = (
+    update(_DELIVERIES)
+    .where(
+        tuple_(_DELIVERIES.c.id, _DELIVERIES.c.attempts).in_(bindparam("claims", expanding=True)),
+        _DELIVERIES.c.status == PENDING,
+    )
+    .values(
+        status=DELIVERED, delivered_at=bindparam("now"), next_attempt_at=None, leased_until=None
+    )
+    .returning(_DELIVERIES.c.id)
+)
 
 
 # Built once per set of columns (three: delivered, retry, failed): every attempt ends
