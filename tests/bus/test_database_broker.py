@@ -1,0 +1,97 @@
+"""The embedded queue (`database` broker): the messages handled together are acked together."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sqlalchemy import event, select
+
+from aigen.bus import database
+from aigen.bus.database import DatabaseBroker
+from aigen.bus.messages import AIGenerationJobCanceled, Envelope
+from aigen.db.session import Sessionmaker, unit_of_work
+from aigen.models import QueueMessage
+
+QUEUE = "aigen.backend"  # bound to the canceled events
+
+
+def canceled(number: int) -> Envelope:
+    return Envelope.wrap(AIGenerationJobCanceled(job_id=f"job_{number}", account_id="acc_1"))
+
+
+async def test_messages_handled_together_are_acked_in_one_statement(
+    sessionmaker: Sessionmaker,
+) -> None:
+    broker = DatabaseBroker(sessionmaker)
+    await broker.publish([canceled(n) for n in range(8)])
+    deletes: list[str] = []
+    engine = sessionmaker.kw["bind"].sync_engine
+
+    def count(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if statement.lstrip().upper().startswith("DELETE"):
+            deletes.append(statement)
+
+    event.listen(engine, "before_cursor_execute", count)
+    gate = asyncio.Event()
+    handled: list[str] = []
+    stop = asyncio.Event()
+
+    async def handler(envelope: Envelope) -> None:
+        handled.append(envelope.job_id)
+        await gate.wait()  # they all end together
+
+    consuming = asyncio.create_task(broker.consume(QUEUE, handler, stop=stop, prefetch=8))
+    for _ in range(200):
+        if len(handled) == 8:
+            break
+        await asyncio.sleep(0.01)
+    gate.set()
+    for _ in range(200):
+        async with sessionmaker() as session:
+            if await database.depth(session, QUEUE) == 0:
+                break
+        await asyncio.sleep(0.01)
+    stop.set()
+    await consuming
+    event.remove(engine, "before_cursor_execute", count)
+
+    assert sorted(handled) == sorted(f"job_{n}" for n in range(8))
+    async with sessionmaker() as session:
+        assert await database.depth(session, QUEUE) == 0
+    # The first ack alone at most, then the others that queued meanwhile together.
+    assert 1 <= len(deletes) <= 2
+
+
+async def test_an_ack_under_a_lease_taken_since_deletes_nothing(
+    sessionmaker: Sessionmaker,
+) -> None:
+    broker = DatabaseBroker(sessionmaker)
+    await broker.publish([canceled(1), canceled(2)])
+    async with sessionmaker() as session:
+        rows = (
+            await session.scalars(select(QueueMessage).where(QueueMessage.queue == QUEUE))
+        ).all()
+    held, taken = sorted(row.id for row in rows)
+    leases = [
+        database._Lease(held, "token-held", 1, ""),
+        # Its lease ran out and another consumer holds it now, under its own token.
+        database._Lease(taken, "token-stale", 1, ""),
+    ]
+    async with unit_of_work(sessionmaker) as session:
+        await session.execute(
+            QueueMessage.__table__.update()
+            .where(QueueMessage.id == held)
+            .values(lease_token="token-held")
+        )
+        await session.execute(
+            QueueMessage.__table__.update()
+            .where(QueueMessage.id == taken)
+            .values(lease_token="token-new")
+        )
+    async with unit_of_work(sessionmaker) as session:
+        assert await database._delete_leased(session, leases) == [None, None]
+    async with sessionmaker() as session:
+        left = (
+            await session.scalars(select(QueueMessage.id).where(QueueMessage.queue == QUEUE))
+        ).all()
+    assert list(left) == [taken]
