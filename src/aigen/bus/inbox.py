@@ -71,7 +71,7 @@ async def first_time_many(
 
 
 async def recorded(session: AsyncSession, consumer: str, event_ids: Sequence[str]) -> set[str]:
-    """Those of `event_ids` that `consumer` has recorded (before this statement)."""
+    """Those of `event_ids` that `consumer` has recorded."""
     if not event_ids:
         return set()
     params = {"consumer": consumer, "event_ids": list(event_ids)}
