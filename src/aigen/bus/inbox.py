@@ -6,12 +6,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, bindparam, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aigen.clock import utcnow
-from aigen.db.base import table
+from aigen.db.base import insert_or_skip, table
 from aigen.db.session import is_postgres
 from aigen.models import InboxMessage
 
@@ -20,17 +18,12 @@ _COLUMNS = ["consumer", "event_id", "processed_at"]
 
 
 def _recording(values: Select[Any] | None = None) -> dict[bool, Any]:
-    """`INSERT … ON CONFLICT DO NOTHING RETURNING event_id` of an inbox row, for PostgreSQL
-    (True) and SQLite (False): of the bound values, or of `values` (`INSERT … SELECT`)."""
-    statements = {}
-    for postgres, insert in ((True, pg_insert), (False, sqlite_insert)):
-        statement = insert(_TABLE)
-        if values is not None:
-            statement = statement.from_select(_COLUMNS, values)
-        statements[postgres] = statement.on_conflict_do_nothing(
-            index_elements=["consumer", "event_id"]
-        ).returning(_TABLE.c.event_id)
-    return statements
+    """The record of an inbox row (`db.base.insert_or_skip`, returning its event id): of
+    the bound values, or of `values` (`INSERT … SELECT`)."""
+    from_select = (_COLUMNS, values) if values is not None else None
+    return insert_or_skip(
+        _TABLE, ["consumer", "event_id"], _TABLE.c.event_id, from_select=from_select
+    )
 
 
 # Built once, with bound parameters: every consumer runs this for every event, and

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -13,10 +13,13 @@ from sqlalchemy import (
     DateTime,
     Integer,
     MetaData,
+    Select,
     Table,
     TypeDecorator,
     or_,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, configure_mappers, make_transient_to_detached
@@ -69,6 +72,27 @@ def table(model: type[Model]) -> Table:
     mapped = model.__table__
     assert isinstance(mapped, Table)
     return mapped
+
+
+def insert_or_skip(
+    into: Table,
+    conflict: Sequence[str],
+    returning: ColumnElement[Any],
+    *,
+    from_select: tuple[Sequence[str], Select[Any]] | None = None,
+) -> dict[bool, Any]:
+    """`INSERT … ON CONFLICT (conflict) DO NOTHING RETURNING returning`, built once for
+    PostgreSQL (True) and SQLite (False), keyed as `db.session.is_postgres` answers: of
+    the bound values, or of a `SELECT` (`from_select`: its columns and the select)."""
+    statements = {}
+    for postgres, insert in ((True, pg_insert), (False, sqlite_insert)):
+        statement = insert(into)
+        if from_select is not None:
+            statement = statement.from_select(*from_select)
+        statements[postgres] = statement.on_conflict_do_nothing(
+            index_elements=list(conflict)
+        ).returning(returning)
+    return statements
 
 
 def one_of(column: ColumnElement[Any], values: Iterable[Any]) -> ColumnElement[bool]:

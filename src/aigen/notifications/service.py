@@ -12,13 +12,11 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 
 from sqlalchemy import ColumnElement, and_, bindparam, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute
 
 from aigen.clock import utcnow
-from aigen.db.base import as_loaded, table
+from aigen.db.base import as_loaded, insert_or_skip, table
 from aigen.db.session import is_postgres
 from aigen.errors import NotFound
 from aigen.ids import new_id
@@ -119,12 +117,7 @@ _ENABLED_ENDPOINTS = (
 )
 # Built once (see `db.base.table`); the ids of the rows made (not those already there).
 _DELIVERIES = table(WebhookDelivery)
-_INSERT = {
-    postgres: insert(_DELIVERIES)
-    .on_conflict_do_nothing(index_elements=["job_id", "event_type", "target"])
-    .returning(_DELIVERIES.c.id)
-    for postgres, insert in ((True, pg_insert), (False, sqlite_insert))
-}
+_INSERT = insert_or_skip(_DELIVERIES, ["job_id", "event_type", "target"], _DELIVERIES.c.id)
 
 
 async def redeliver(
