@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from sqlalchemy import event, exc
+from sqlalchemy import event, exc, make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -18,6 +18,8 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.util import await_only
+
+from aigen.db import sqlite
 
 Sessionmaker = async_sessionmaker[AsyncSession]
 
@@ -32,7 +34,10 @@ def create_engine(
 ) -> AsyncEngine:
     """An engine for `url`; the timeouts apply to PostgreSQL (asyncpg) only."""
     if url.startswith("sqlite"):
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+        database = make_url(url).database or ":memory:"
+        engine = create_async_engine(
+            url, async_creator=sqlite.connector(database, SQLITE_LOCK_TIMEOUT_SECONDS)
+        )
         _tune_sqlite(engine)
         return engine
     connect_args: dict[str, Any] = {}
@@ -96,8 +101,8 @@ def _ping_idle_connections(engine: AsyncEngine) -> None:
             raise exc.DisconnectionError(f"the connection failed its test: {error!r}") from error
 
 
-# How long a transaction waits for SQLite's write lock: PRAGMA busy_timeout, and the
-# in-process queue in front of it (`_WriteGate`).
+# How long a transaction waits for SQLite's write lock: held by another process
+# (`sqlite.LoopConnection`), and in the in-process queue in front of it (`_WriteGate`).
 SQLITE_LOCK_TIMEOUT_SECONDS = 30.0
 
 
@@ -107,13 +112,12 @@ def _tune_sqlite(engine: AsyncEngine) -> None:
 
     @event.listens_for(sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # WAL lets readers run beside the one writer; pysqlite's own BEGIN handling is
-        # switched off so that every transaction can start as BEGIN IMMEDIATE below.
-        dbapi_connection.isolation_level = None
+        # WAL lets readers run beside the one writer. The connection comes without
+        # pysqlite's own BEGIN handling (`isolation_level=None`), so that every transaction
+        # can start as BEGIN IMMEDIATE below, and it waits for the lock itself (`sqlite`).
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_LOCK_TIMEOUT_SECONDS * 1000)}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 

@@ -1,0 +1,172 @@
+"""SQLite for SQLAlchemy's `sqlite+aiosqlite` dialect, called in the event loop's own thread.
+
+aiosqlite runs every call (open a cursor, execute, fetch, close: four per statement) in a
+thread of its own and wakes the loop for the answer. On a 2-core machine that hand-off
+cost about 300 µs of CPU per statement, where `sqlite3` itself took 2: most of what a
+statement cost `aigen up`. SQLite is a library, not a server, so a call that does not wait
+for a lock is as short as any Python code the loop runs; this connection makes it there.
+
+The one wait is SQLite's write lock held by another connection (another process on the
+same file: a CLI command beside `aigen up`; in this process `_WriteGate` queues writers
+first). The connection therefore runs with no busy timeout: a call that meets the lock
+fails at once with SQLITE_BUSY, having changed nothing, and is made again in a thread that
+waits up to the lock timeout, so the loop is never held while another process writes.
+
+It offers the part of aiosqlite's `Connection` and `Cursor` that SQLAlchemy's adapter
+uses (`sqlalchemy.dialects.sqlite.aiosqlite`, `sqlalchemy.connectors.asyncio`), and is
+passed to it as `async_creator`. Connections are made with `isolation_level=None`, as
+`session._tune_sqlite` wants them, so the adapter's `isolation_level` setter (which
+reaches into aiosqlite's own queue) is never needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class LoopConnection:
+    """A `sqlite3` connection behind aiosqlite's coroutine interface, with no thread."""
+
+    def __init__(self, connection: sqlite3.Connection, lock_timeout: float) -> None:
+        # The adapter reads `_connection` to tell an open connection from a closed one,
+        # as aiosqlite keeps it.
+        self._connection: sqlite3.Connection | None = connection
+        self._lock_timeout_ms = int(lock_timeout * 1000)
+
+    @property
+    def _sqlite(self) -> sqlite3.Connection:
+        if self._connection is None:
+            raise ValueError("Connection closed")  # aiosqlite's words; the adapter maps them
+        return self._connection
+
+    @property
+    def isolation_level(self) -> str | None:
+        return self._sqlite.isolation_level
+
+    def cursor(self) -> LoopCursor:
+        return LoopCursor(self, self._sqlite.cursor())
+
+    async def execute(self, sql: str, parameters: Any = ()) -> LoopCursor:
+        cursor = self.cursor()
+        await cursor.execute(sql, parameters)
+        return cursor
+
+    async def commit(self) -> None:
+        await self.call(self._sqlite.commit)
+
+    async def rollback(self) -> None:
+        await self.call(self._sqlite.rollback)
+
+    async def create_function(self, *args: Any, **kwargs: Any) -> None:
+        self._sqlite.create_function(*args, **kwargs)
+
+    async def close(self) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Close at once: SQLAlchemy's forced `terminate`."""
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    async def call(self, function: Callable[..., T], *args: Any) -> T:
+        """`function(*args)` here; in a thread that waits for the lock if it is taken."""
+        try:
+            return function(*args)
+        except sqlite3.OperationalError as error:
+            # The primary code: SQLITE_BUSY_RECOVERY and the like are busy too.
+            if error.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
+                raise
+        # SQLITE_BUSY means the call changed nothing, so it can be made again. The
+        # connection is this caller's alone until it returns (SQLAlchemy awaits each call),
+        # so the thread may use it meanwhile.
+        return await asyncio.get_running_loop().run_in_executor(
+            None, self._waiting_for_lock, function, args
+        )
+
+    def _waiting_for_lock(self, function: Callable[..., T], args: Sequence[Any]) -> T:
+        sqlite = self._sqlite
+        sqlite.execute(f"PRAGMA busy_timeout={self._lock_timeout_ms}")
+        try:
+            return function(*args)
+        finally:
+            sqlite.execute("PRAGMA busy_timeout=0")
+
+
+class LoopCursor:
+    """aiosqlite's `Cursor` over a `sqlite3` cursor."""
+
+    def __init__(self, connection: LoopConnection, cursor: sqlite3.Cursor) -> None:
+        self._connection = connection
+        self._cursor = cursor
+
+    async def __aenter__(self) -> LoopCursor:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        self._cursor.close()
+
+    async def execute(self, sql: str, parameters: Any = ()) -> LoopCursor:
+        await self._connection.call(self._cursor.execute, sql, parameters)
+        return self
+
+    async def executemany(self, sql: str, parameters: Iterable[Any]) -> LoopCursor:
+        # A generator would be spent by a first try that met the lock.
+        await self._connection.call(self._cursor.executemany, sql, list(parameters))
+        return self
+
+    async def fetchone(self) -> Any:
+        return self._cursor.fetchone()
+
+    async def fetchmany(self, size: int | None = None) -> list[Any]:
+        return self._cursor.fetchmany(self._cursor.arraysize if size is None else size)
+
+    async def fetchall(self) -> list[Any]:
+        return self._cursor.fetchall()
+
+    async def close(self) -> None:
+        self._cursor.close()
+
+    @property
+    def description(self) -> Any:
+        return self._cursor.description
+
+    @property
+    def rowcount(self) -> int:
+        return self._cursor.rowcount
+
+    @property
+    def lastrowid(self) -> int | None:
+        return self._cursor.lastrowid
+
+    @property
+    def arraysize(self) -> int:
+        return self._cursor.arraysize
+
+    @arraysize.setter
+    def arraysize(self, value: int) -> None:
+        self._cursor.arraysize = value
+
+
+def connector(database: str, lock_timeout: float) -> Callable[[], Any]:
+    """The `async_creator` for `database` (a path, or `:memory:`)."""
+
+    async def connect() -> LoopConnection:
+        loop = asyncio.get_running_loop()
+        # Opening may meet the lock too (a WAL file being recovered), so it goes to a thread,
+        # once per pooled connection.
+        sqlite = await loop.run_in_executor(
+            None,
+            lambda: sqlite3.connect(
+                database, timeout=lock_timeout, isolation_level=None, check_same_thread=False
+            ),
+        )
+        sqlite.execute("PRAGMA busy_timeout=0")
+        return LoopConnection(sqlite, lock_timeout)
+
+    return connect

@@ -1,0 +1,113 @@
+"""The embedded database's connection: SQLite in the event loop's thread, never holding
+the loop while another connection has the write lock."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from aigen.db import sqlite
+from aigen.db.session import create_engine, create_sessionmaker, unit_of_work
+
+
+def _other_connection(path: Path) -> sqlite3.Connection:
+    """A connection of its own to a file in WAL mode, as aigen's database is."""
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("PRAGMA journal_mode=WAL")
+    other.execute("CREATE TABLE notes (body TEXT)")
+    return other
+
+
+async def test_statements_run_in_the_loops_own_thread(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'a.db'}")
+    try:
+        async with engine.connect() as connection:
+            raw = await connection.get_raw_connection()
+            await raw.driver_connection.create_function("thread_ident", 0, threading.get_ident)
+            ident = (await connection.execute(text("SELECT thread_ident()"))).scalar_one()
+        assert ident == threading.get_ident()
+    finally:
+        await engine.dispose()
+
+
+async def test_a_writer_elsewhere_makes_a_transaction_wait_while_the_loop_runs_on(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "a.db"
+    engine = create_engine(f"sqlite+aiosqlite:///{path}")
+    sessionmaker = create_sessionmaker(engine)
+    # Another connection to the file takes the write lock, as another process would.
+    other = _other_connection(path)
+    other.execute("BEGIN IMMEDIATE")
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    async def write() -> None:
+        async with unit_of_work(sessionmaker) as session:
+            await session.execute(text("INSERT INTO notes VALUES ('ours')"))
+
+    ticker = asyncio.create_task(tick())
+    writing = asyncio.create_task(write())
+    try:
+        await asyncio.sleep(0.3)
+        assert not writing.done()  # waiting for the lock …
+        assert ticks >= 5  # … in a thread, so the loop went on meanwhile
+        other.execute("INSERT INTO notes VALUES ('theirs')")
+        other.execute("COMMIT")
+        await asyncio.wait_for(writing, 10)
+        async with engine.connect() as connection:
+            rows = (await connection.execute(text("SELECT body FROM notes"))).scalars().all()
+        assert sorted(rows) == ["ours", "theirs"]
+    finally:
+        ticker.cancel()
+        other.close()
+        await engine.dispose()
+
+
+async def test_a_lock_held_past_the_timeout_fails_the_call_and_the_next_call_does_not_wait(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "a.db"
+    other = _other_connection(path)
+    other.execute("BEGIN IMMEDIATE")
+    connection = await sqlite.connector(str(path), lock_timeout=0.2)()
+    try:
+        started = time.monotonic()
+        with pytest.raises(sqlite3.OperationalError) as raised:
+            await connection.execute("BEGIN IMMEDIATE")
+        assert raised.value.sqlite_errorcode == sqlite3.SQLITE_BUSY
+        assert time.monotonic() - started >= 0.2
+        cursor = await connection.execute("PRAGMA busy_timeout")
+        assert await cursor.fetchall() == [(0,)]  # the loop's own calls still fail at once
+    finally:
+        await connection.close()
+        other.close()
+
+
+async def test_executemany_of_a_generator_that_met_the_lock_writes_every_row(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "a.db"
+    other = _other_connection(path)
+    other.execute("BEGIN IMMEDIATE")
+    connection = await sqlite.connector(str(path), lock_timeout=10)()
+    try:
+        asyncio.get_running_loop().call_later(0.1, other.execute, "COMMIT")
+        cursor = connection.cursor()
+        await cursor.executemany("INSERT INTO notes VALUES (?)", ((str(n),) for n in range(3)))
+        rows = await (await connection.execute("SELECT body FROM notes")).fetchall()
+        assert sorted(rows) == [("0",), ("1",), ("2",)]
+    finally:
+        await connection.close()
+        other.close()
