@@ -10,10 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import URL, make_url, text
 
 from aigen.db import sqlite
 from aigen.db.session import create_engine, create_sessionmaker, unit_of_work
+
+
+def _url(path: Path) -> URL:
+    return make_url(f"sqlite+aiosqlite:///{path}")
 
 
 def _other_connection(path: Path) -> sqlite3.Connection:
@@ -81,13 +85,15 @@ async def test_a_lock_held_past_the_timeout_fails_the_call_and_the_next_call_doe
     path = tmp_path / "a.db"
     other = _other_connection(path)
     other.execute("BEGIN IMMEDIATE")
-    connection = await sqlite.connector(str(path), lock_timeout=0.2)()
+    # The URL's own timeout replaces the default, as SQLAlchemy's dialect reads it.
+    url = make_url(f"sqlite+aiosqlite:///{path}?timeout=0.2")
+    connection = await sqlite.connector(url, lock_timeout=30)()
     try:
         started = time.monotonic()
         with pytest.raises(sqlite3.OperationalError) as raised:
             await connection.execute("BEGIN IMMEDIATE")
         assert raised.value.sqlite_errorcode == sqlite3.SQLITE_BUSY
-        assert time.monotonic() - started >= 0.2
+        assert 0.2 <= time.monotonic() - started < 10
         cursor = await connection.execute("PRAGMA busy_timeout")
         assert await cursor.fetchall() == [(0,)]  # the loop's own calls still fail at once
     finally:
@@ -101,7 +107,7 @@ async def test_executemany_of_a_generator_that_met_the_lock_writes_every_row(
     path = tmp_path / "a.db"
     other = _other_connection(path)
     other.execute("BEGIN IMMEDIATE")
-    connection = await sqlite.connector(str(path), lock_timeout=10)()
+    connection = await sqlite.connector(_url(path), lock_timeout=10)()
     try:
         asyncio.get_running_loop().call_later(0.1, other.execute, "COMMIT")
         cursor = connection.cursor()

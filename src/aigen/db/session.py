@@ -34,9 +34,8 @@ def create_engine(
 ) -> AsyncEngine:
     """An engine for `url`; the timeouts apply to PostgreSQL (asyncpg) only."""
     if url.startswith("sqlite"):
-        database = make_url(url).database or ":memory:"
         engine = create_async_engine(
-            url, async_creator=sqlite.connector(database, SQLITE_LOCK_TIMEOUT_SECONDS)
+            url, async_creator=sqlite.connector(make_url(url), SQLITE_LOCK_TIMEOUT_SECONDS)
         )
         _tune_sqlite(engine)
         return engine

@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
+
+from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
+from sqlalchemy.engine import URL
 
 T = TypeVar("T")
 
@@ -153,20 +156,27 @@ class LoopCursor:
         self._cursor.arraysize = value
 
 
-def connector(database: str, lock_timeout: float) -> Callable[[], Any]:
-    """The `async_creator` for `database` (a path, or `:memory:`)."""
+def connector(url: URL, lock_timeout: float) -> Callable[[], Awaitable[LoopConnection]]:
+    """The `async_creator` for a `sqlite+aiosqlite` URL.
+
+    The URL's options (`?uri=true`, `?timeout=`) are read as SQLAlchemy's own SQLite
+    dialect reads them; a `timeout` there replaces `lock_timeout`.
+    """
+    args, options = SQLiteDialect_pysqlite().create_connect_args(url)
+    options.update(isolation_level=None, check_same_thread=False)
+    timeout = float(options.setdefault("timeout", lock_timeout))
+
+    def opened() -> sqlite3.Connection:
+        # Typed loosely: the overloads of `connect` cannot be matched to unpacked options.
+        connect: Callable[..., sqlite3.Connection] = sqlite3.connect
+        return connect(*args, **options)
 
     async def connect() -> LoopConnection:
-        loop = asyncio.get_running_loop()
-        # Opening may meet the lock too (a WAL file being recovered), so it goes to a thread,
+        # Opening may meet the lock (a WAL file being recovered), so it goes to a thread,
         # once per pooled connection.
-        sqlite = await loop.run_in_executor(
-            None,
-            lambda: sqlite3.connect(
-                database, timeout=lock_timeout, isolation_level=None, check_same_thread=False
-            ),
-        )
+        loop = asyncio.get_running_loop()
+        sqlite = await loop.run_in_executor(None, opened)
         sqlite.execute("PRAGMA busy_timeout=0")
-        return LoopConnection(sqlite, lock_timeout)
+        return LoopConnection(sqlite, timeout)
 
     return connect
