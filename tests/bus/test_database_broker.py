@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
+import pytest
 from sqlalchemy import event, select
 
 from aigen.bus import database
+from aigen.bus.broker import Retry
 from aigen.bus.database import DatabaseBroker
 from aigen.bus.messages import AIGenerationJobCanceled, Envelope
 from aigen.db.session import Sessionmaker, unit_of_work
@@ -95,3 +100,75 @@ async def test_an_ack_under_a_lease_taken_since_deletes_nothing(
             await session.scalars(select(QueueMessage.id).where(QueueMessage.queue == QUEUE))
         ).all()
     assert list(left) == [taken]
+
+
+async def test_an_idle_consumer_asks_its_queue_less_often_and_still_finds_what_comes(
+    sessionmaker: Sessionmaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(database, "IDLE_POLL_MAX_SECONDS", 0.2)
+    broker = DatabaseBroker(sessionmaker, poll_interval=0.01)
+    handled: list[str] = []
+    stop = asyncio.Event()
+
+    async def handler(envelope: Envelope) -> None:
+        handled.append(envelope.job_id)
+
+    consuming = asyncio.create_task(broker.consume(QUEUE, handler, stop=stop, prefetch=8))
+    try:
+        with _counting_claims(sessionmaker) as claims:
+            await asyncio.sleep(1.5)
+        # Every 10 ms would be about 150 claims; backing off to 200 ms, about a dozen.
+        assert 5 <= len(claims) <= 30
+        # Another process's publish (another broker: no in-process wake-up) is found by
+        # the next poll, within the longest wait.
+        await DatabaseBroker(sessionmaker).publish([canceled(1)])
+        await _until(lambda: handled == ["job_1"], seconds=5)
+    finally:
+        stop.set()
+        await consuming
+
+
+async def test_a_retry_wakes_the_consumer_when_it_is_due_not_at_its_next_poll(
+    sessionmaker: Sessionmaker,
+) -> None:
+    broker = DatabaseBroker(sessionmaker, poll_interval=5.0)
+    seen: list[float] = []
+    stop = asyncio.Event()
+
+    async def handler(_envelope: Envelope) -> None:
+        seen.append(time.monotonic())
+        if len(seen) == 1:
+            raise Retry(0.5, "not yet")
+
+    consuming = asyncio.create_task(broker.consume(QUEUE, handler, stop=stop, prefetch=8))
+    try:
+        await broker.publish([canceled(1)])
+        await _until(lambda: len(seen) == 2, seconds=4)
+        assert 0.5 <= seen[1] - seen[0] < 2.0
+    finally:
+        stop.set()
+        await consuming
+
+
+@contextmanager
+def _counting_claims(sessionmaker: Sessionmaker) -> Iterator[list[str]]:
+    """The claims (`UPDATE … WHERE id IN (SELECT …)`) made meanwhile."""
+    claims: list[str] = []
+    engine = sessionmaker.kw["bind"].sync_engine
+
+    def count(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if statement.startswith("UPDATE queue_messages") and "IN (SELECT" in statement:
+            claims.append(statement)
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        yield claims
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+
+
+async def _until(condition: Callable[[], bool], *, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "not within the time allowed"
+        await asyncio.sleep(0.005)

@@ -34,6 +34,10 @@ from .topology import dead_letter_queue, queues_for
 log = structlog.get_logger(__name__)
 
 
+# How seldom, at most, an idle consumer asks its queue (see `DatabaseBroker.consume`).
+IDLE_POLL_MAX_SECONDS = 1.0
+
+
 @dataclass(frozen=True, slots=True)
 class _Lease:
     id: int
@@ -117,27 +121,36 @@ class DatabaseBroker:
     ) -> None:
         in_flight: set[asyncio.Task[None]] = set()
         wakeup = self._wakeup(queue)
+        # Each claim is a write transaction, and an idle `aigen up` polling its queues every
+        # `poll_interval` spent a fifth of a core on it. So a queue found empty is asked
+        # half as often each time, down to once per `IDLE_POLL_MAX_SECONDS`: a publish in
+        # this process still wakes it at once (`wakeup`), and so does a retry's due time;
+        # only another process's publish, or a lease run out, waits for the poll.
+        idle_poll = self._poll
         while not stop.is_set():
             free = prefetch - len(in_flight)
-            leases: list[_Lease] = []
-            if free > 0:
-                try:
-                    leases = await self._claim(queue, free)
-                except Exception:
-                    log.exception("queue.claim_failed", queue=queue)
-                    await sleep_or_stop(stop, 1.0)
-                    continue
+            if free <= 0:
+                # Full: wait for a slot rather than polling the table.
+                await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            # Cleared before the claim, not after an empty one: a publish during the claim
+            # then ends the wait below at once, instead of being lost until the next poll.
+            wakeup.clear()
+            try:
+                leases = await self._claim(queue, free)
+            except Exception:
+                log.exception("queue.claim_failed", queue=queue)
+                await sleep_or_stop(stop, 1.0)
+                continue
             for lease in leases:
                 task = asyncio.create_task(self._handle(queue, lease, handler, on_dead_letter))
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
-            if not leases:
-                wakeup.clear()
-                if in_flight and free <= 0:
-                    # Full: wait for a slot rather than polling the table.
-                    await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-                    continue
-                await wait_any(self._poll, stop, wakeup)
+            if leases:
+                idle_poll = self._poll
+                continue
+            await wait_any(idle_poll, stop, wakeup)
+            idle_poll = min(idle_poll * 2, max(self._poll, IDLE_POLL_MAX_SECONDS))
         if in_flight:
             await asyncio.gather(*in_flight, return_exceptions=True)
 
@@ -247,6 +260,11 @@ class DatabaseBroker:
                 .where(QueueMessage.id == lease.id, QueueMessage.lease_token == lease.token)
                 .values(**values)
             )
+        if not dead:
+            # Consumers of this queue in this process look again when it is due, however
+            # idle they have been.
+            wakeup = self._wakeup(queue)
+            asyncio.get_running_loop().call_later(delay, wakeup.set)
         if dead:
             log.error("queue.dead_lettered", queue=queue, event_id=envelope.id, error=error)
             if on_dead_letter is not None:
