@@ -26,6 +26,35 @@ async def wait_any(seconds: float | None, *events: asyncio.Event) -> None:
             waiter.cancel()
 
 
+# How seldom, at most, an idle polling loop looks (`IdlePoll`).
+IDLE_POLL_MAX_SECONDS = 1.0
+
+
+class IdlePoll:
+    """How long a polling loop waits between looks: `shortest` while it finds work, and
+    twice as long after each look that found none, up to `longest`.
+
+    A look is a write transaction on SQLite (the embedded queue's claim, the relay's),
+    and an idle `aigen up` that looked every 50 ms spent a fifth of a core doing it. The
+    loops also wait on a wake-up event, which ends any wait: the poll is only the net for
+    work that comes without one (another process's, a lease run out).
+    """
+
+    def __init__(self, shortest: float, longest: float = IDLE_POLL_MAX_SECONDS) -> None:
+        self._shortest = shortest
+        self._longest = max(shortest, longest)
+        self._wait = shortest
+
+    def after(self, found: bool) -> float:
+        """The wait before the next look, given whether this one found work."""
+        if found:
+            self._wait = self._shortest
+            return self._wait
+        wait = self._wait
+        self._wait = min(wait * 2, self._longest)
+        return wait
+
+
 class Batcher(Generic[Item]):
     """Items that arrive while a batch runs wait, then go together in the next batch.
 

@@ -50,6 +50,7 @@ def create_broker(settings: Settings, sessionmaker: Sessionmaker) -> Broker:
             sessionmaker,
             lease_seconds=settings.lease_seconds,
             poll_interval=settings.poll_interval_seconds,
+            idle_poll_max=settings.idle_poll_max_seconds,
             delivery_limit=settings.delivery_limit,
             retry_base=settings.retry_base_seconds,
             retry_max=settings.retry_max_seconds,

@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     # Queue (database broker and consumers)
     lease_seconds: float = 30.0
     poll_interval_seconds: float = 0.05
+    # An idle relay or embedded-queue consumer polls less and less often, down to this
+    # (`aigen.aio.IdlePoll`); a commit in the same process still wakes it at once.
+    idle_poll_max_seconds: float = Field(default=1.0, gt=0)
     delivery_limit: int = 5
     retry_base_seconds: float = 1.0
     retry_max_seconds: float = 300.0

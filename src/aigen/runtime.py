@@ -62,6 +62,7 @@ async def run_relay(deps: Deps, stop: asyncio.Event) -> None:
         deps.broker,
         batch=deps.settings.relay_batch,
         poll_interval=deps.settings.poll_interval_seconds,
+        idle_poll_max=deps.settings.idle_poll_max_seconds,
     )
     await relay.run(stop)
 

@@ -7,7 +7,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-import pytest
 from sqlalchemy import event, select
 
 from aigen.bus import database
@@ -103,10 +102,9 @@ async def test_an_ack_under_a_lease_taken_since_deletes_nothing(
 
 
 async def test_an_idle_consumer_asks_its_queue_less_often_and_still_finds_what_comes(
-    sessionmaker: Sessionmaker, monkeypatch: pytest.MonkeyPatch
+    sessionmaker: Sessionmaker,
 ) -> None:
-    monkeypatch.setattr(database, "IDLE_POLL_MAX_SECONDS", 0.2)
-    broker = DatabaseBroker(sessionmaker, poll_interval=0.01)
+    broker = DatabaseBroker(sessionmaker, poll_interval=0.01, idle_poll_max=0.2)
     handled: list[str] = []
     stop = asyncio.Event()
 

@@ -13,12 +13,13 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, insert, text
 
 from aigen.bus import outbox
 from aigen.bus.messages import AIGenerationJobCanceled, Envelope
 from aigen.db import notices
 from aigen.db.session import Sessionmaker, create_engine, create_sessionmaker, unit_of_work
+from aigen.models import OutboxMessage
 
 NEVER = 3600.0
 
@@ -126,3 +127,36 @@ async def test_a_relay_listens_again_after_losing_its_connection(
             await running
     finally:
         await engine.dispose()
+
+
+async def test_an_idle_relay_looks_less_often_and_still_finds_a_row_no_one_announced(
+    sessionmaker: Sessionmaker,
+) -> None:
+    broker = RecordingBroker()
+    relay = outbox.Relay(sessionmaker, broker, poll_interval=0.01, idle_poll_max=0.2)  # type: ignore[arg-type]
+    looks: list[str] = []
+    engine = sessionmaker.kw["bind"].sync_engine
+
+    def count(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if statement.startswith("SELECT outbox_messages.id"):
+            looks.append(statement)
+
+    stop = asyncio.Event()
+    running = asyncio.create_task(relay.run(stop))
+    try:
+        event.listen(engine, "before_cursor_execute", count)
+        await asyncio.sleep(1.5)
+        event.remove(engine, "before_cursor_execute", count)
+        # Every 10 ms would be about 150 looks; backing off to 200 ms, about a dozen (on
+        # PostgreSQL, whose notices wake the relay, one a second).
+        assert 1 <= len(looks) <= 30
+        # A row written without a wake-up (as by another process on SQLite, which has no
+        # notices) is published by the next poll, within the longest wait.
+        envelope = Envelope.wrap(AIGenerationJobCanceled(job_id="job-1", account_id="acc-1"))
+        async with unit_of_work(sessionmaker) as session:
+            await session.execute(insert(OutboxMessage), [outbox._row(envelope)])
+        await asyncio.wait_for(broker.arrived.wait(), 5)
+        assert [e.id for e in broker.published] == [envelope.id]
+    finally:
+        stop.set()
+        await running

@@ -20,7 +20,7 @@ import structlog
 from sqlalchemy import bindparam, delete, func, insert, select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from aigen.aio import sleep_or_stop, wait_any
+from aigen.aio import IDLE_POLL_MAX_SECONDS, IdlePoll, sleep_or_stop, wait_any
 from aigen.clock import utcnow
 from aigen.db.base import table
 from aigen.db.group import GroupCommit
@@ -32,10 +32,6 @@ from .messages import Envelope
 from .topology import dead_letter_queue, queues_for
 
 log = structlog.get_logger(__name__)
-
-
-# How seldom, at most, an idle consumer asks its queue (see `DatabaseBroker.consume`).
-IDLE_POLL_MAX_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,10 +54,12 @@ class DatabaseBroker:
         delivery_limit: int = 5,
         retry_base: float = 1.0,
         retry_max: float = 300.0,
+        idle_poll_max: float = IDLE_POLL_MAX_SECONDS,
     ) -> None:
         self._sessionmaker = sessionmaker
         self._lease = lease_seconds
         self._poll = poll_interval
+        self._idle_poll_max = idle_poll_max
         self._limit = delivery_limit
         self._retry_base = retry_base
         self._retry_max = retry_max
@@ -121,12 +119,9 @@ class DatabaseBroker:
     ) -> None:
         in_flight: set[asyncio.Task[None]] = set()
         wakeup = self._wakeup(queue)
-        # Each claim is a write transaction, and an idle `aigen up` polling its queues every
-        # `poll_interval` spent a fifth of a core on it. So a queue found empty is asked
-        # half as often each time, down to once per `IDLE_POLL_MAX_SECONDS`: a publish in
-        # this process still wakes it at once (`wakeup`), and so does a retry's due time;
-        # only another process's publish, or a lease run out, waits for the poll.
-        idle_poll = self._poll
+        # A queue found empty is asked less and less often; a publish in this process
+        # still wakes it at once (`wakeup`), and so does a retry when it falls due.
+        idle = IdlePoll(self._poll, self._idle_poll_max)
         while not stop.is_set():
             free = prefetch - len(in_flight)
             if free <= 0:
@@ -147,10 +142,9 @@ class DatabaseBroker:
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
             if leases:
-                idle_poll = self._poll
+                idle.after(found=True)
                 continue
-            await wait_any(idle_poll, stop, wakeup)
-            idle_poll = min(idle_poll * 2, max(self._poll, IDLE_POLL_MAX_SECONDS))
+            await wait_any(idle.after(found=False), stop, wakeup)
         if in_flight:
             await asyncio.gather(*in_flight, return_exceptions=True)
 

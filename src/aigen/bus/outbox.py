@@ -3,12 +3,13 @@
 `add` runs inside the caller's transaction; the `Relay` publishes unsent rows and stamps
 them sent, so a crash anywhere neither loses an event nor announces an uncommitted change.
 
-Wake-ups: a relay polls every `poll_interval`, and is also woken as soon as a transaction
+Wake-ups: a relay polls every `poll_interval` while it finds rows, less often when idle
+(`aigen.aio.IdlePoll`, down to once a second), and is also woken as soon as a transaction
 that added outbox rows commits: at once in the same process (`aigen up`), and through
 PostgreSQL's notices on `aigen_outbox` (sent on the committing connection just after the
 commit, outside any lock) in other processes; `aigen.db.notices` does both. A wake-up is
 only a hint; the poll stays the guarantee, so a lost notice delays an event by one poll
-at most (a second, for a relay that listens: `LISTENING_POLL_SECONDS`).
+at most (a second).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import structlog
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from aigen.aio import sleep_or_stop, wait_any
+from aigen.aio import IDLE_POLL_MAX_SECONDS, IdlePoll, sleep_or_stop, wait_any
 from aigen.clock import utcnow
 from aigen.db import notices
 from aigen.db.base import table
@@ -96,11 +97,13 @@ class Relay:
         *,
         batch: int = 100,
         poll_interval: float = 0.05,
+        idle_poll_max: float = IDLE_POLL_MAX_SECONDS,
     ) -> None:
         self._sessionmaker = sessionmaker
         self._broker = broker
         self._batch = batch
         self._poll_interval = poll_interval
+        self._idle_poll_max = idle_poll_max
         # After a wake-up the relay runs at most this often (5 ms at the default poll),
         # so that a burst of commits makes batches rather than one transaction per event.
         self._min_gap = min(poll_interval / 10, MAX_GAP_SECONDS)
@@ -133,22 +136,27 @@ class Relay:
         # through PostgreSQL's notices; also when the listening connection is lost.
         listener = notices.Listener(CHANNEL, self._sessionmaker, on_notice=self.wake)
         listening = asyncio.create_task(listener.run(stop))
+        # An idle relay looks less and less often (`IdlePoll`); a commit in this process
+        # still wakes it at once.
+        idle = IdlePoll(self._poll_interval, self._idle_poll_max)
         try:
             while not stop.is_set():
                 started = time.monotonic()
-                # With PostgreSQL's notices every commit wakes the relay: the poll is then
-                # only the net for a lost notice, and need not run 20 times a second.
-                poll = self._poll_interval
-                if listener.connected:
-                    poll = max(poll, LISTENING_POLL_SECONDS)
+                # Cleared before the look, not after: a commit during it then ends the
+                # wait below at once, instead of waiting for the poll.
+                self.wakeup.clear()
                 try:
                     sent = await self.run_once()
                 except Exception:
                     log.exception("relay.publish_failed")
                     sent = 0
                     await sleep_or_stop(stop, 1.0)
+                poll = idle.after(found=sent > 0)
+                if listener.connected:
+                    # With PostgreSQL's notices every commit wakes the relay: the poll is
+                    # then only the net for a lost notice.
+                    poll = max(poll, LISTENING_POLL_SECONDS)
                 if sent < self._batch:
-                    self.wakeup.clear()
                     await wait_any(poll, stop, self.wakeup)
                     gap = self._min_gap - (time.monotonic() - started)
                     if gap > 0 and not stop.is_set():
