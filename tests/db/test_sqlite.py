@@ -117,3 +117,53 @@ async def test_executemany_of_a_generator_that_met_the_lock_writes_every_row(
     finally:
         await connection.close()
         other.close()
+
+
+async def test_a_call_cancelled_while_it_waits_for_the_lock_keeps_the_connection_until_it_ends(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "a.db"
+    other = _other_connection(path)
+    other.execute("BEGIN IMMEDIATE")
+    connection = await sqlite.connector(_url(path), lock_timeout=10)()
+    try:
+        waiting = asyncio.create_task(connection.execute("BEGIN IMMEDIATE"))
+        await asyncio.sleep(0.2)
+        waiting.cancel()
+        # The thread still waits in SQLite on this connection: the next call waits for it
+        # (without holding the loop), then finds the transaction that call began.
+        rolling_back = asyncio.create_task(connection.rollback())
+        await asyncio.sleep(0.2)
+        assert not rolling_back.done()
+        other.execute("COMMIT")
+        await asyncio.wait_for(rolling_back, 5)
+        cursor = await connection.execute("BEGIN IMMEDIATE")  # the lock is free again
+        await cursor.close()
+        await connection.rollback()
+    finally:
+        await asyncio.wait_for(connection.close(), 5)
+        other.close()
+
+
+async def test_a_close_while_a_call_waits_for_the_lock_closes_when_it_ends(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "a.db"
+    other = _other_connection(path)
+    other.execute("BEGIN IMMEDIATE")
+    connection = await sqlite.connector(_url(path), lock_timeout=10)()
+    waiting = asyncio.create_task(connection.execute("BEGIN IMMEDIATE"))
+    await asyncio.sleep(0.2)
+    waiting.cancel()
+    connection.stop()  # SQLAlchemy's forced close: it must not pull the connection away
+    assert connection._connection is not None
+    other.execute("COMMIT")
+    for _ in range(500):
+        if connection._connection is None:
+            break
+        await asyncio.sleep(0.01)
+    assert connection._connection is None
+    # The transaction the thread began went with the connection: the lock is free.
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("ROLLBACK")
+    other.close()

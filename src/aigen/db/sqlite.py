@@ -24,12 +24,18 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 from sqlalchemy.engine import URL
 
 T = TypeVar("T")
+
+# The threads that wait for another connection's write lock (and open connections, which
+# may wait too): their own, so that a wait never queues behind other work in the loop's
+# default executor. A thread is started only when one is needed.
+_LOCK_WAITS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="aigen-sqlite-lock")
 
 
 class LoopConnection:
@@ -40,6 +46,10 @@ class LoopConnection:
         # as aiosqlite keeps it.
         self._connection: sqlite3.Connection | None = connection
         self._lock_timeout_ms = int(lock_timeout * 1000)
+        # The call waiting for the lock in a thread, if any. A caller cancelled meanwhile
+        # stops waiting, but the thread still has the connection until SQLite answers:
+        # the next call, or the close, waits for it first.
+        self._in_thread: Future[Any] | None = None
 
     @property
     def _sqlite(self) -> sqlite3.Connection:
@@ -69,16 +79,23 @@ class LoopConnection:
         self._sqlite.create_function(*args, **kwargs)
 
     async def close(self) -> None:
+        await self._thread_done()
         self.stop()
 
     def stop(self) -> None:
-        """Close at once: SQLAlchemy's forced `terminate`."""
+        """Close now (SQLAlchemy's forced `terminate`), or when the thread's call ends."""
+        pending = self._in_thread
+        if pending is not None and not pending.done():
+            pending.add_done_callback(lambda _: self.stop())
+            return
         if self._connection is not None:
             self._connection.close()
             self._connection = None
 
     async def call(self, function: Callable[..., T], *args: Any) -> T:
         """`function(*args)` here; in a thread that waits for the lock if it is taken."""
+        if self._in_thread is not None:
+            await self._thread_done()
         try:
             return function(*args)
         except sqlite3.OperationalError as error:
@@ -88,9 +105,18 @@ class LoopConnection:
         # SQLITE_BUSY means the call changed nothing, so it can be made again. The
         # connection is this caller's alone until it returns (SQLAlchemy awaits each call),
         # so the thread may use it meanwhile.
-        return await asyncio.get_running_loop().run_in_executor(
-            None, self._waiting_for_lock, function, args
-        )
+        pending = _LOCK_WAITS.submit(self._waiting_for_lock, function, args)
+        self._in_thread = pending
+        result = await asyncio.wrap_future(pending)
+        self._in_thread = None
+        return result
+
+    async def _thread_done(self) -> None:
+        pending = self._in_thread
+        if pending is not None and not pending.done():
+            # Its outcome was its caller's; this one only needs the connection back.
+            await asyncio.wait([asyncio.wrap_future(pending)])
+        self._in_thread = None
 
     def _waiting_for_lock(self, function: Callable[..., T], args: Sequence[Any]) -> T:
         sqlite = self._sqlite
@@ -174,8 +200,7 @@ def connector(url: URL, lock_timeout: float) -> Callable[[], Awaitable[LoopConne
     async def connect() -> LoopConnection:
         # Opening may meet the lock (a WAL file being recovered), so it goes to a thread,
         # once per pooled connection.
-        loop = asyncio.get_running_loop()
-        sqlite = await loop.run_in_executor(None, opened)
+        sqlite = await asyncio.wrap_future(_LOCK_WAITS.submit(opened))
         sqlite.execute("PRAGMA busy_timeout=0")
         return LoopConnection(sqlite, timeout)
 
