@@ -7,6 +7,8 @@ import asyncio
 import sqlite3
 import threading
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,21 @@ def _other_connection(path: Path) -> sqlite3.Connection:
     other.execute("PRAGMA journal_mode=WAL")
     other.execute("CREATE TABLE notes (body TEXT)")
     return other
+
+
+@asynccontextmanager
+async def _beside_a_writer(
+    path: Path, url: URL | None = None, lock_timeout: float = 10
+) -> AsyncIterator[tuple[sqlite3.Connection, sqlite.LoopConnection]]:
+    """Another connection that holds the write lock, and one of ours to the same file."""
+    other = _other_connection(path)
+    other.execute("BEGIN IMMEDIATE")
+    connection = await sqlite.connector(url or _url(path), lock_timeout)()
+    try:
+        yield other, connection
+    finally:
+        await asyncio.wait_for(connection.close(), 5)
+        other.close()
 
 
 async def test_statements_run_in_the_loops_own_thread(tmp_path: Path) -> None:
@@ -83,12 +100,9 @@ async def test_a_lock_held_past_the_timeout_fails_the_call_and_the_next_call_doe
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "a.db"
-    other = _other_connection(path)
-    other.execute("BEGIN IMMEDIATE")
     # The URL's own timeout replaces the default, as SQLAlchemy's dialect reads it.
     url = make_url(f"sqlite+aiosqlite:///{path}?timeout=0.2")
-    connection = await sqlite.connector(url, lock_timeout=30)()
-    try:
+    async with _beside_a_writer(path, url, lock_timeout=30) as (_other, connection):
         started = time.monotonic()
         with pytest.raises(sqlite3.OperationalError) as raised:
             await connection.execute("BEGIN IMMEDIATE")
@@ -96,37 +110,23 @@ async def test_a_lock_held_past_the_timeout_fails_the_call_and_the_next_call_doe
         assert 0.2 <= time.monotonic() - started < 10
         cursor = await connection.execute("PRAGMA busy_timeout")
         assert await cursor.fetchall() == [(0,)]  # the loop's own calls still fail at once
-    finally:
-        await connection.close()
-        other.close()
 
 
 async def test_executemany_of_a_generator_that_met_the_lock_writes_every_row(
     tmp_path: Path,
 ) -> None:
-    path = tmp_path / "a.db"
-    other = _other_connection(path)
-    other.execute("BEGIN IMMEDIATE")
-    connection = await sqlite.connector(_url(path), lock_timeout=10)()
-    try:
+    async with _beside_a_writer(tmp_path / "a.db") as (other, connection):
         asyncio.get_running_loop().call_later(0.1, other.execute, "COMMIT")
         cursor = connection.cursor()
         await cursor.executemany("INSERT INTO notes VALUES (?)", ((str(n),) for n in range(3)))
         rows = await (await connection.execute("SELECT body FROM notes")).fetchall()
         assert sorted(rows) == [("0",), ("1",), ("2",)]
-    finally:
-        await connection.close()
-        other.close()
 
 
 async def test_a_call_cancelled_while_it_waits_for_the_lock_keeps_the_connection_until_it_ends(
     tmp_path: Path,
 ) -> None:
-    path = tmp_path / "a.db"
-    other = _other_connection(path)
-    other.execute("BEGIN IMMEDIATE")
-    connection = await sqlite.connector(_url(path), lock_timeout=10)()
-    try:
+    async with _beside_a_writer(tmp_path / "a.db") as (other, connection):
         waiting = asyncio.create_task(connection.execute("BEGIN IMMEDIATE"))
         await asyncio.sleep(0.2)
         waiting.cancel()
@@ -140,30 +140,23 @@ async def test_a_call_cancelled_while_it_waits_for_the_lock_keeps_the_connection
         cursor = await connection.execute("BEGIN IMMEDIATE")  # the lock is free again
         await cursor.close()
         await connection.rollback()
-    finally:
-        await asyncio.wait_for(connection.close(), 5)
-        other.close()
 
 
 async def test_a_close_while_a_call_waits_for_the_lock_closes_when_it_ends(
     tmp_path: Path,
 ) -> None:
-    path = tmp_path / "a.db"
-    other = _other_connection(path)
-    other.execute("BEGIN IMMEDIATE")
-    connection = await sqlite.connector(_url(path), lock_timeout=10)()
-    waiting = asyncio.create_task(connection.execute("BEGIN IMMEDIATE"))
-    await asyncio.sleep(0.2)
-    waiting.cancel()
-    connection.stop()  # SQLAlchemy's forced close: it must not pull the connection away
-    assert connection._connection is not None
-    other.execute("COMMIT")
-    for _ in range(500):
-        if connection._connection is None:
-            break
-        await asyncio.sleep(0.01)
-    assert connection._connection is None
-    # The transaction the thread began went with the connection: the lock is free.
-    other.execute("BEGIN IMMEDIATE")
-    other.execute("ROLLBACK")
-    other.close()
+    async with _beside_a_writer(tmp_path / "a.db") as (other, connection):
+        waiting = asyncio.create_task(connection.execute("BEGIN IMMEDIATE"))
+        await asyncio.sleep(0.2)
+        waiting.cancel()
+        connection.stop()  # SQLAlchemy's forced close: it must not pull the connection away
+        assert connection._connection is not None
+        other.execute("COMMIT")
+        for _ in range(500):
+            if connection._connection is None:
+                break
+            await asyncio.sleep(0.01)
+        assert connection._connection is None
+        # The transaction the thread began went with the connection: the lock is free.
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("ROLLBACK")

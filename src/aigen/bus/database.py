@@ -124,7 +124,7 @@ class DatabaseBroker:
         idle = IdlePoll(self._poll, self._idle_poll_max)
         while not stop.is_set():
             free = prefetch - len(in_flight)
-            if free <= 0:
+            if free <= 0 and in_flight:
                 # Full: wait for a slot rather than polling the table.
                 await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
                 continue
