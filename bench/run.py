@@ -68,6 +68,8 @@ class Plan:
     pipe_seconds: float = 15.0
     saturate_seconds: float = 20.0
     drain_seconds: float = 40.0
+    # With no load, after a settling second: how much CPU the parts spend idle.
+    idle_seconds: float = 10.0
     scale_concurrency: tuple[int, ...] = (1, 4, 16, 64)
     scale_seconds: float = 4.0
     worker_concurrency: int = 64
@@ -82,6 +84,7 @@ QUICK = Plan(
     pipe_seconds=5.0,
     saturate_seconds=8.0,
     drain_seconds=20.0,
+    idle_seconds=5.0,
     scale_concurrency=(1, 16),
     scale_seconds=3.0,
 )
@@ -99,6 +102,8 @@ class Report:
     paced: dict[str, tuple[float, WrkResult]] = field(default_factory=dict)
     pipeline: dict[str, EndToEnd] = field(default_factory=dict)
     cpu: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Per cent of a core each process spends with no load at all (its polling loops).
+    idle_cpu: dict[str, dict[str, float]] = field(default_factory=dict)
     legs: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
     scale: dict[tuple[int, int], float] = field(default_factory=dict)
     memory: dict[str, tuple[float, float]] = field(default_factory=dict)
@@ -131,6 +136,20 @@ class RssPeak:
     def into(self, report: Report, prefix: str) -> None:
         for name in self.procs:
             report.memory[f"{prefix} {name}"] = (self.idle[name], self.peak[name])
+
+
+async def idle_cpu(procs: dict[str, Proc], seconds: float) -> dict[str, float]:
+    """Per cent of a core each process spends over `seconds` with nothing to do.
+
+    The first second is left out: the polling loops wait longer and longer once they
+    find nothing (`aigen.aio.IdlePoll`), and the warm-up's jobs have only just ended.
+    """
+    await asyncio.sleep(1.0)
+    before = {name: proc.cpu_seconds() for name, proc in procs.items()}
+    await asyncio.sleep(seconds)
+    return {
+        name: 100 * (proc.cpu_seconds() - before[name]) / seconds for name, proc in procs.items()
+    }
 
 
 # Accept path ---------------------------------------------------------------------------
@@ -333,6 +352,7 @@ async def pipeline(
         if not await receiver.wait_for(set(warm.at), 120):
             raise RuntimeError(f"{kind}: warm-up jobs never arrived\n" + _tails(stack))
         await asyncio.sleep(1.0)
+        report.idle_cpu[kind] = await idle_cpu(stack.procs, plan.idle_seconds)
         watched = {n: p for n, p in stack.procs.items() if n in ("api", "worker", "up")}
         with RssPeak(watched) as rss:
             # The most jobs/s at 0 ms, first: it decides the rate the latency runs can hold.
@@ -627,6 +647,14 @@ def render(report: Report) -> str:
         out.append(
             "\nCPU ms per job, by process: the 0 ms maximum run and its drain, / jobs delivered"
         )
+        out.append(table(["stack", *names], rows))
+    if report.idle_cpu:
+        names = sorted({name for per in report.idle_cpu.values() for name in per})
+        rows = [
+            [kind, *(f"{per[n]:.1f}" if n in per else "" for n in names)]
+            for kind, per in report.idle_cpu.items()
+        ]
+        out.append("\nIdle CPU, % of a core, by process: no load, after the warm-up's jobs")
         out.append(table(["stack", *names], rows))
     if report.scale:
         rows = []
