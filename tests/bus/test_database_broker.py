@@ -148,6 +148,30 @@ async def test_a_retry_wakes_the_consumer_when_it_is_due_not_at_its_next_poll(
         await consuming
 
 
+async def test_a_publish_wakes_the_consumer_once_it_is_committed(
+    sessionmaker: Sessionmaker,
+) -> None:
+    broker = DatabaseBroker(sessionmaker, poll_interval=5.0)
+    handled: list[str] = []
+    stop = asyncio.Event()
+
+    async def handler(envelope: Envelope) -> None:
+        handled.append(envelope.job_id)
+
+    consuming = asyncio.create_task(broker.consume(QUEUE, handler, stop=stop, prefetch=8))
+    try:
+        await asyncio.sleep(0.2)  # its first claim found nothing: it waits for 5 s now
+        # A consumer woken before the commit (on PostgreSQL, which does not queue the
+        # claim behind the publishing transaction) would find nothing, then wait 5 s.
+        async with unit_of_work(sessionmaker) as session:
+            await broker.publish_in(session, [canceled(1)])
+            await asyncio.sleep(0.3)
+        await _until(lambda: handled == ["job_1"], seconds=2)
+    finally:
+        stop.set()
+        await consuming
+
+
 @contextmanager
 def _counting_claims(sessionmaker: Sessionmaker) -> Iterator[list[str]]:
     """The claims (`UPDATE … WHERE id IN (SELECT …)`) made meanwhile."""

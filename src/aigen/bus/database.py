@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import structlog
-from sqlalchemy import bindparam, delete, func, insert, select, text, tuple_, update
+from sqlalchemy import bindparam, delete, event, func, insert, select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from aigen.aio import IDLE_POLL_MAX_SECONDS, IdlePoll, sleep_or_stop, wait_any
 from aigen.clock import utcnow
@@ -102,8 +103,10 @@ class DatabaseBroker:
         ]
         if rows:
             await session.execute(insert(QueueMessage), rows)
-            for queue in {row["queue"] for row in rows}:
-                self._wakeup(str(queue)).set()
+            # Woken once the rows are committed: a consumer woken before would find
+            # nothing (PostgreSQL), and then wait for its next poll.
+            waking: list[asyncio.Event] = session.info.setdefault(_WAKE_AFTER_COMMIT, [])
+            waking.extend(self._wakeup(str(queue)) for queue in {row["queue"] for row in rows})
 
     def _wakeup(self, queue: str) -> asyncio.Event:
         return self._wakeups.setdefault(queue, asyncio.Event())
@@ -267,6 +270,21 @@ class DatabaseBroker:
                 except Exception:
                     # The message stays in the dead-letter queue for an operator to replay.
                     log.exception("queue.dead_letter_hook_failed", event_id=envelope.id)
+
+
+# The consumers' wake-ups that a transaction sets when it commits (`publish_in`).
+_WAKE_AFTER_COMMIT = "aigen.queue.wake_after_commit"
+
+
+@event.listens_for(Session, "after_commit")
+def _wake_consumers(session: Session) -> None:
+    for wakeup in session.info.pop(_WAKE_AFTER_COMMIT, ()):
+        wakeup.set()
+
+
+@event.listens_for(Session, "after_rollback")
+def _forget_wake_ups(session: Session) -> None:
+    session.info.pop(_WAKE_AFTER_COMMIT, None)
 
 
 async def _delete_leased(session: AsyncSession, leases: Sequence[_Lease]) -> list[None]:
