@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 from sqlalchemy import event, select
 
 from aigen.bus import database
-from aigen.bus.broker import Retry
+from aigen.bus.broker import Handler, Retry
 from aigen.bus.database import DatabaseBroker
 from aigen.bus.messages import AIGenerationJobCanceled, Envelope
 from aigen.db.session import Sessionmaker, unit_of_work
@@ -106,13 +106,11 @@ async def test_an_idle_consumer_asks_its_queue_less_often_and_still_finds_what_c
 ) -> None:
     broker = DatabaseBroker(sessionmaker, poll_interval=0.01, idle_poll_max=0.2)
     handled: list[str] = []
-    stop = asyncio.Event()
 
     async def handler(envelope: Envelope) -> None:
         handled.append(envelope.job_id)
 
-    consuming = asyncio.create_task(broker.consume(QUEUE, handler, stop=stop, prefetch=8))
-    try:
+    async with _consuming(broker, handler):
         with _counting_claims(sessionmaker) as claims:
             await asyncio.sleep(1.5)
         # Every 10 ms would be about 150 claims; backing off to 200 ms, about a dozen.
@@ -121,9 +119,6 @@ async def test_an_idle_consumer_asks_its_queue_less_often_and_still_finds_what_c
         # the next poll, within the longest wait.
         await DatabaseBroker(sessionmaker).publish([canceled(1)])
         await _until(lambda: handled == ["job_1"], seconds=5)
-    finally:
-        stop.set()
-        await consuming
 
 
 async def test_a_retry_wakes_the_consumer_when_it_is_due_not_at_its_next_poll(
@@ -131,21 +126,16 @@ async def test_a_retry_wakes_the_consumer_when_it_is_due_not_at_its_next_poll(
 ) -> None:
     broker = DatabaseBroker(sessionmaker, poll_interval=5.0)
     seen: list[float] = []
-    stop = asyncio.Event()
 
     async def handler(_envelope: Envelope) -> None:
         seen.append(time.monotonic())
         if len(seen) == 1:
             raise Retry(0.5, "not yet")
 
-    consuming = asyncio.create_task(broker.consume(QUEUE, handler, stop=stop, prefetch=8))
-    try:
+    async with _consuming(broker, handler):
         await broker.publish([canceled(1)])
         await _until(lambda: len(seen) == 2, seconds=4)
         assert 0.5 <= seen[1] - seen[0] < 2.0
-    finally:
-        stop.set()
-        await consuming
 
 
 async def test_a_publish_wakes_the_consumer_once_it_is_committed(
@@ -153,13 +143,11 @@ async def test_a_publish_wakes_the_consumer_once_it_is_committed(
 ) -> None:
     broker = DatabaseBroker(sessionmaker, poll_interval=5.0)
     handled: list[str] = []
-    stop = asyncio.Event()
 
     async def handler(envelope: Envelope) -> None:
         handled.append(envelope.job_id)
 
-    consuming = asyncio.create_task(broker.consume(QUEUE, handler, stop=stop, prefetch=8))
-    try:
+    async with _consuming(broker, handler):
         await asyncio.sleep(0.2)  # its first claim found nothing: it waits for 5 s now
         # A consumer woken before the commit (on PostgreSQL, which does not queue the
         # claim behind the publishing transaction) would find nothing, then wait 5 s.
@@ -167,6 +155,15 @@ async def test_a_publish_wakes_the_consumer_once_it_is_committed(
             await broker.publish_in(session, [canceled(1)])
             await asyncio.sleep(0.3)
         await _until(lambda: handled == ["job_1"], seconds=2)
+
+
+@asynccontextmanager
+async def _consuming(broker: DatabaseBroker, handler: Handler) -> AsyncIterator[None]:
+    """`broker` consuming `QUEUE` with `handler` for the duration of the block."""
+    stop = asyncio.Event()
+    consuming = asyncio.create_task(broker.consume(QUEUE, handler, stop=stop, prefetch=8))
+    try:
+        yield
     finally:
         stop.set()
         await consuming
