@@ -639,23 +639,13 @@ def render(report: Report) -> str:
         out.append("\nWhere the time goes, ms p50 / p99 (from the JSON logs; 0 ms model)")
         out.append(table(["leg", *labels], rows))
     if report.cpu:
-        names = sorted({name for per in report.cpu.values() for name in per})
-        rows = [
-            [kind, *(f"{per[n]:.1f}" if n in per else "" for n in names)]
-            for kind, per in report.cpu.items()
-        ]
         out.append(
             "\nCPU ms per job, by process: the 0 ms maximum run and its drain, / jobs delivered"
         )
-        out.append(table(["stack", *names], rows))
+        out.append(_by_process(report.cpu))
     if report.idle_cpu:
-        names = sorted({name for per in report.idle_cpu.values() for name in per})
-        rows = [
-            [kind, *(f"{per[n]:.1f}" if n in per else "" for n in names)]
-            for kind, per in report.idle_cpu.items()
-        ]
         out.append("\nIdle CPU, % of a core, by process: no load, after the warm-up's jobs")
-        out.append(table(["stack", *names], rows))
+        out.append(_by_process(report.idle_cpu))
     if report.scale:
         rows = []
         for concurrency in sorted({c for c, _ in report.scale}):
@@ -687,6 +677,16 @@ def render(report: Report) -> str:
         out.append("")
         out.extend(f"- {note}" for note in report.notes)
     return "\n".join(out)
+
+
+def _by_process(per_stack: dict[str, dict[str, float]]) -> str:
+    """A table of one number per process, a row per stack (a stack lacks some processes)."""
+    names = sorted({name for per in per_stack.values() for name in per})
+    rows = [
+        [kind, *(f"{per[n]:.1f}" if n in per else "" for n in names)]
+        for kind, per in per_stack.items()
+    ]
+    return table(["stack", *names], rows)
 
 
 # Entry point -------------------------------------------------------------------------------
