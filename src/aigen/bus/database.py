@@ -260,16 +260,15 @@ class DatabaseBroker:
         if not dead:
             # Consumers of this queue in this process look again when it is due, however
             # idle they have been.
-            wakeup = self._wakeup(queue)
-            asyncio.get_running_loop().call_later(delay, wakeup.set)
-        if dead:
-            log.error("queue.dead_lettered", queue=queue, event_id=envelope.id, error=error)
-            if on_dead_letter is not None:
-                try:
-                    await on_dead_letter(envelope, error)
-                except Exception:
-                    # The message stays in the dead-letter queue for an operator to replay.
-                    log.exception("queue.dead_letter_hook_failed", event_id=envelope.id)
+            asyncio.get_running_loop().call_later(delay, self._wakeup(queue).set)
+            return
+        log.error("queue.dead_lettered", queue=queue, event_id=envelope.id, error=error)
+        if on_dead_letter is not None:
+            try:
+                await on_dead_letter(envelope, error)
+            except Exception:
+                # The message stays in the dead-letter queue for an operator to replay.
+                log.exception("queue.dead_letter_hook_failed", event_id=envelope.id)
 
 
 # The consumers' wake-ups that a transaction sets when it commits (`publish_in`).
