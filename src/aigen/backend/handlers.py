@@ -7,7 +7,7 @@ The events that arrive together share that transaction (`aigen.db.group`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from aigen.bus import inbox
 from aigen.bus.broker import DeadLetterHook, Handler
 from aigen.bus.messages import (
+    COMPLETED,
     REQUESTED,
     AIGenerationJobCanceled,
     AIGenerationJobCompleted,
@@ -48,13 +49,22 @@ def make_handler(
     """
     group = GroupCommit(sessionmaker)
 
+    async def apply_completed(
+        session: AsyncSession, envelopes: Sequence[Envelope]
+    ) -> list[tuple[str, Job | None]]:
+        return await _apply_completed(session, envelopes, pricer)
+
     async def handle(envelope: Envelope) -> None:
-        outcome, ended = await group.run(
-            lambda session: _apply(session, envelope, pricer),
-            # A settlement updates its account's balance: accounts in id order, as the
-            # API's intake locks them.
-            order=str(envelope.data.get("account_id", "")),
-        )
+        # A settlement updates its account's balance: accounts in id order, as the API's
+        # intake locks them.
+        order = str(envelope.data.get("account_id", ""))
+        if envelope.type == COMPLETED:
+            # The most common result: those of a transaction share their statements.
+            outcome, ended = await group.run_batched(apply_completed, envelope, order=order)
+        else:
+            outcome, ended = await group.run(
+                lambda session: _apply(session, envelope, pricer), order=order
+            )
         if limiter is not None and ended is not None:
             unspent = ended.credits_reserved - (ended.credits_charged or 0)
             await limiter.refund(ended.api_key_id, ended.id, credits=unspent)
@@ -88,6 +98,39 @@ async def _apply(
         assert isinstance(message, AIGenerationJobRequested)
         return "ignored", None
     return outcome, await _ended(session, envelope.job_id)
+
+
+async def _apply_completed(
+    session: AsyncSession, envelopes: Sequence[Envelope], pricer: Pricer
+) -> list[tuple[str, Job | None]]:
+    """`_apply` of several completed results, with the statements of all of them shared
+    (`job_service.apply_completed_many`)."""
+    fresh = await inbox.first_time_many(session, CONSUMER, [e.id for e in envelopes])
+    firsts: list[Envelope] = []  # recorded now: each event once, however often it came
+    for envelope in envelopes:
+        if envelope.id in fresh:
+            fresh.discard(envelope.id)
+            firsts.append(envelope)
+    jobs = await job_service.apply_completed_many(
+        session,
+        [_completed(envelope) for envelope in firsts],
+        price=lambda job, message: pricer(job.model, Usage(**message.usage)),
+    )
+    applied = {envelope.id: job for envelope, job in zip(firsts, jobs, strict=True)}
+    outcomes: list[tuple[str, Job | None]] = []
+    for envelope in envelopes:
+        if envelope.id not in applied:
+            outcomes.append(("duplicate", None))
+            continue
+        outcome = "completed" if applied.pop(envelope.id) else "stale"
+        outcomes.append((outcome, await _ended(session, envelope.job_id)))
+    return outcomes
+
+
+def _completed(envelope: Envelope) -> AIGenerationJobCompleted:
+    message = envelope.message()
+    assert isinstance(message, AIGenerationJobCompleted)
+    return message
 
 
 async def _ended(session: AsyncSession, job_id: str | None) -> Job | None:

@@ -160,28 +160,58 @@ async def settle(session: AsyncSession, job: Job, *, price: int) -> int:
 
     One balance update (by their sum), then the two ledger rows in one statement.
     """
-    charged = max(0, min(price, job.credits_reserved))
-    entries = [(job.credits_reserved, "release")] + ([(-charged, "capture")] if charged else [])
+    charged = _capped(job, price)
     result = await session.execute(
         _CHANGE_BALANCE,
         {"b_account": job.account_id, "b_delta": job.credits_reserved - charged},
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         raise AccountNotFoundError(f"no account {job.account_id}")
-    await session.execute(
-        _ADD_ENTRIES,
-        [
-            {
-                "account_id": job.account_id,
-                "job_id": job.id,
-                "kind": kind,
-                "amount": amount,
-                "model": job.model,
-            }
-            for amount, kind in entries
-        ],
-    )
+    await session.execute(_ADD_ENTRIES, _settlement_entries(job, charged))
     return charged
+
+
+async def settle_many(session: AsyncSession, prices: Sequence[tuple[Job, int]]) -> list[int]:
+    """`settle` of several jobs, in two statements for all of them: the balance updates
+    (one per account, in id order, as `lock_balances` locks them), then the ledger rows.
+
+    The accounts are not checked: each job's account exists (its foreign key says so),
+    and the balances move in the same transaction as the jobs' transitions.
+    """
+    charges = [_capped(job, price) for job, price in prices]
+    totals: dict[str, int] = {}
+    for (job, _), charged in zip(prices, charges, strict=True):
+        totals[job.account_id] = totals.get(job.account_id, 0) + job.credits_reserved - charged
+    await session.execute(
+        _CHANGE_BALANCE,
+        [{"b_account": account_id, "b_delta": totals[account_id]} for account_id in sorted(totals)],
+    )
+    entries = [
+        entry
+        for (job, _), charged in zip(prices, charges, strict=True)
+        for entry in _settlement_entries(job, charged)
+    ]
+    await session.execute(_ADD_ENTRIES, entries)
+    return charges
+
+
+def _capped(job: Job, price: int) -> int:
+    return max(0, min(price, job.credits_reserved))
+
+
+def _settlement_entries(job: Job, charged: int) -> list[dict[str, object]]:
+    """A settled job's ledger rows: the release of its hold, and the capture if any."""
+    entries = [(job.credits_reserved, "release")] + ([(-charged, "capture")] if charged else [])
+    return [
+        {
+            "account_id": job.account_id,
+            "job_id": job.id,
+            "kind": kind,
+            "amount": amount,
+            "model": job.model,
+        }
+        for amount, kind in entries
+    ]
 
 
 async def ledger_sum(session: AsyncSession, account_id: str) -> int:
