@@ -4,6 +4,7 @@ the same jobs, money and assets as one result after another, in a few statements
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from typing import Any
 
 from sqlalchemy import event, select
@@ -98,7 +99,7 @@ async def test_results_together_come_out_as_one_after_the_other(api: Api) -> Non
         done = await job_service.apply_completed_many(session, together, price=_price)
     async with unit_of_work(api.deps.sessionmaker) as session:
         one_by_one = [
-            await job_service.apply_completed(session, r, price=lambda job, r=r: _price(job, r))
+            await job_service.apply_completed(session, r, price=partial(_price, message=r))
             for r in alone
         ]
 

@@ -8,6 +8,7 @@ The payload is built from the job as the backend recorded it, so the notifier wa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -54,62 +55,26 @@ def make_handler(
     attempt starts at once, without a claim and a second read. The rest wait for its
     next claim, which the commit wakes. A crash in between loses nothing: the lease runs
     out and a later claim makes the attempt. The events that arrive together share one
-    transaction (`GroupCommit`).
+    transaction, and its statements (`GroupCommit.run_batched`).
     """
     group = GroupCommit(sessionmaker)
 
+    async def enqueue(session: AsyncSession, events: Sequence[_Event]) -> list[Enqueued | None]:
+        return await _enqueue_many(session, events, dispatcher)
+
     async def handle(envelope: Envelope) -> None:
-        reserved = 0
-
-        def take(wanted: int) -> tuple[int, datetime]:
-            """The dispatcher's free slots for this event's deliveries (`service.Lease`)."""
-            nonlocal reserved
-            assert dispatcher is not None
-            reserved = dispatcher.reserve(wanted)
-            return reserved, dispatcher.lease_until(utcnow())
-
-        async def enqueue(session: AsyncSession) -> Enqueued | None:
-            nonlocal reserved
-            if dispatcher is not None:
-                # A unit of work may run twice (`GroupCommit`): only the last run's
-                # reservation stands.
-                dispatcher.unreserve(reserved)
-                reserved = 0
-            job, account, endpoints = await _job_and_targets(session, envelope.job_id)
-            if job is not None and job.status not in EVENT_TYPES:
-                # The backend has not applied the result yet (it often races this very
-                # event): nothing is written, and the caller asks again shortly.
-                return None
-            if not await inbox.first_time(session, CONSUMER, envelope.id) or job is None:
-                return Enqueued(0, [])
-            event_type = EVENT_TYPES[job.status]
-            created = await service.enqueue(
-                session,
-                job=job,
-                event_type=event_type,
-                lease=take if dispatcher else None,
-                endpoints=endpoints,
-            )
-            handed: list[tuple[repository.Claim, Prepared]] = []
-            if dispatcher is not None:
-                for delivery in created:
-                    if delivery.leased_until is not None:
-                        claim = repository.Claim(delivery.id, delivery.attempts)
-                        message = await dispatcher.prepare(session, delivery, account=account)
-                        handed.append((claim, message))
-            return Enqueued(len(created), handed)
-
+        event = _Event(envelope)
         try:
-            enqueued = await group.run(enqueue)
+            enqueued = await group.run_batched(enqueue, event)
         except BaseException:
             if dispatcher is not None:
-                dispatcher.unreserve(reserved)
+                dispatcher.unreserve(event.reserved)
             raise
         if enqueued is None:
             raise Retry(wait_seconds, "job not yet terminal")
         if dispatcher is not None:
             # Also when none was made (they existed already): the reserved slots go back.
-            dispatcher.hand(enqueued.handed, reserved=reserved)
+            dispatcher.hand(enqueued.handed, reserved=event.reserved)
             if len(enqueued.handed) < enqueued.created:
                 dispatcher.wake()  # the rest: at its next claim, now rather than at the poll
         log.info("notifier.enqueued", job_id=envelope.job_id, deliveries=enqueued.created)
@@ -117,28 +82,100 @@ def make_handler(
     return handle
 
 
-# The job, its account and the account's endpoints that receive events, in one statement:
-# the account's webhook secret signs the deliveries to the job's own URL, and the
-# endpoints are the other targets.
-_JOB_AND_TARGETS = (
+@dataclass(slots=True)
+class _Event:
+    """An event being enqueued, and the dispatcher's slots reserved for its deliveries."""
+
+    envelope: Envelope
+    reserved: int = 0
+
+
+async def _enqueue_many(
+    session: AsyncSession, events: Sequence[_Event], dispatcher: Dispatcher | None
+) -> list[Enqueued | None]:
+    """The deliveries of several events, in three statements for all of them (their jobs
+    and targets, the inbox rows, the deliveries), and each new leased delivery prepared
+    for the dispatcher: per event, None while its job has not ended (nothing written).
+    """
+    if dispatcher is not None:
+        # A unit of work may run twice (`GroupCommit`): only the last run's
+        # reservations stand.
+        for event in events:
+            dispatcher.unreserve(event.reserved)
+            event.reserved = 0
+    found = await _jobs_and_targets(session, [e.envelope.job_id for e in events])
+    targets = [found.get(e.envelope.job_id or "", _NOTHING) for e in events]
+    # An event whose job the backend has not ended yet (it often races this very event)
+    # writes nothing, and its caller asks again shortly.
+    ended = [n for n, (job, _, _) in enumerate(targets) if job is None or job.status in EVENT_TYPES]
+    fresh = await inbox.first_time_many(session, CONSUMER, [events[n].envelope.id for n in ended])
+    new: list[int] = []  # the events recorded now, each once however often it came
+    for n in ended:
+        if targets[n][0] is not None and events[n].envelope.id in fresh:
+            fresh.discard(events[n].envelope.id)
+            new.append(n)
+    made = await service.enqueue_many(
+        session, [_deliveries(events[n], targets[n], dispatcher) for n in new]
+    )
+    created = dict(zip(new, made, strict=True))
+    outcomes: list[Enqueued | None] = []
+    for n in range(len(events)):
+        deliveries = created.get(n, [])
+        handed = []
+        if dispatcher is not None:
+            for delivery in deliveries:
+                if delivery.leased_until is not None:
+                    claim = repository.Claim(delivery.id, delivery.attempts)
+                    message = await dispatcher.prepare(session, delivery, account=targets[n][1])
+                    handed.append((claim, message))
+        outcomes.append(Enqueued(len(deliveries), handed) if n in ended else None)
+    return outcomes
+
+
+def _deliveries(event: _Event, targets: Targets, dispatcher: Dispatcher | None) -> service.Event:
+    """What to enqueue for an event whose job has ended, leasing what the dispatcher takes."""
+    job, _, endpoints = targets
+    assert job is not None
+    lease = _lease(dispatcher, event) if dispatcher is not None else None
+    return service.Event(job, EVENT_TYPES[job.status], endpoints, lease)
+
+
+def _lease(dispatcher: Dispatcher, event: _Event) -> service.Lease:
+    def take(wanted: int) -> tuple[int, datetime]:
+        """The dispatcher's free slots for this event's deliveries (`service.Lease`)."""
+        event.reserved = dispatcher.reserve(wanted)
+        return event.reserved, dispatcher.lease_until(utcnow())
+
+    return take
+
+
+# The jobs, their accounts and the accounts' endpoints that receive events, in one
+# statement: the account's webhook secret signs the deliveries to the job's own URL, and
+# the endpoints are the other targets.
+_JOBS_AND_TARGETS = (
     select(Job, Account, WebhookEndpoint)
     .join(Account, Account.id == Job.account_id)
     .outerjoin(WebhookEndpoint, service.receiving_events(Job.account_id))
-    .where(Job.id == bindparam("id"))
-    .order_by(WebhookEndpoint.id)
+    .where(Job.id.in_(bindparam("ids", expanding=True)))
+    .order_by(Job.id, WebhookEndpoint.id)
 )
+Targets = tuple[Job | None, Account | None, list[WebhookEndpoint]]
+_NOTHING: Targets = (None, None, [])
 
 
-async def _job_and_targets(
-    session: AsyncSession, job_id: str | None
-) -> tuple[Job | None, Account | None, list[WebhookEndpoint]]:
-    if job_id is None:
-        return None, None, []
-    rows = (await session.execute(_JOB_AND_TARGETS, {"id": job_id})).all()
-    if not rows:
-        return None, None, []
-    job, account, _ = rows[0]
-    return job, account, [endpoint for *_, endpoint in rows if endpoint is not None]
+async def _jobs_and_targets(
+    session: AsyncSession, job_ids: Sequence[str | None]
+) -> dict[str, Targets]:
+    """Each job found, with its account and the account's endpoints that receive events."""
+    ids = sorted({job_id for job_id in job_ids if job_id is not None})
+    found: dict[str, Targets] = {}
+    if not ids:
+        return found
+    for job, account, endpoint in await session.execute(_JOBS_AND_TARGETS, {"ids": ids}):
+        _, _, endpoints = found.setdefault(job.id, (job, account, []))
+        if endpoint is not None:
+            endpoints.append(endpoint)
+    return found
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,106 @@
+"""The notifier's events that arrive together: the same deliveries as one event after
+another, in three statements for all of them."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from sqlalchemy import event, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from aigen.bus.broker import Retry
+from aigen.bus.messages import AIGenerationJobCompleted, Envelope
+from aigen.db.session import Sessionmaker, unit_of_work
+from aigen.models import InboxMessage, Job
+from aigen.notifications import handlers
+from aigen.notifications.service import JOB_COMPLETED
+
+from .factories import create_account, create_endpoint, create_job
+from .helpers import load_deliveries
+
+
+def _event(job_id: str, account_id: str) -> Envelope:
+    return Envelope.wrap(
+        AIGenerationJobCompleted(
+            job_id=job_id, account_id=account_id, attempt=1, assets=[], usage={}
+        )
+    )
+
+
+async def _jobs(sessionmaker: Sessionmaker) -> tuple[list[Envelope], str, str]:
+    """Events of three jobs, in the order they come: one with a URL; one whose account
+    also has an endpoint; one the backend has not ended yet (still processing); then the
+    first event again, and an event of a job that does not exist. And the ids of the
+    processing job and of the endpoint."""
+    async with unit_of_work(sessionmaker) as session:
+        alone, with_endpoint = await create_account(session), await create_account(session)
+        endpoint = await create_endpoint(session, with_endpoint, url="https://example.com/hook")
+        first = await create_job(session, alone, webhook_url="https://example.com/own")
+        second = await create_job(session, with_endpoint, webhook_url="https://example.com/2")
+        running = await create_job(
+            session, alone, status="processing", webhook_url="https://example.com/3"
+        )
+    events = [_event(job.id, job.account_id) for job in (first, second, running)]
+    return [*events, events[0], _event("job_gone", alone.id)], running.id, endpoint.id
+
+
+async def _recorded(sessionmaker: Sessionmaker) -> set[str]:
+    async with sessionmaker() as session:
+        return set(await session.scalars(select(InboxMessage.event_id)))
+
+
+async def test_events_together_come_out_as_one_after_the_other(
+    sessionmaker: Sessionmaker,
+) -> None:
+    events, running, endpoint_id = await _jobs(sessionmaker)
+    handle = handlers.make_handler(sessionmaker)
+
+    outcomes = await asyncio.gather(*(handle(e) for e in events), return_exceptions=True)
+
+    assert [isinstance(outcome, Retry) for outcome in outcomes] == [
+        False,
+        False,
+        True,
+        False,
+        False,
+    ]
+    deliveries = {(d.job_id, d.target) for d in await load_deliveries(sessionmaker)}
+    assert deliveries == {
+        (events[0].job_id, "url:https://example.com/own"),
+        (events[1].job_id, "url:https://example.com/2"),
+        (events[1].job_id, f"endpoint:{endpoint_id}"),
+    }
+    # Every event but the one that waits is recorded, the missing job's too.
+    assert await _recorded(sessionmaker) == {events[n].id for n in (0, 1, 4)}
+
+    # Once the backend has ended it, the waiting event makes its delivery.
+    async with unit_of_work(sessionmaker) as session:
+        await session.execute(update(Job).where(Job.id == running).values(status="completed"))
+    await handle(events[2])
+    made = [d for d in await load_deliveries(sessionmaker) if d.job_id == running]
+    assert [(d.target, d.event_type) for d in made] == [
+        ("url:https://example.com/3", JOB_COMPLETED)
+    ]
+
+
+@pytest.mark.parametrize("count", [3, 8])
+async def test_events_together_are_three_statements_however_many(
+    engine: AsyncEngine, sessionmaker: Sessionmaker, count: int
+) -> None:
+    async with unit_of_work(sessionmaker) as session:
+        account = await create_account(session)
+        await create_endpoint(session, account, url="https://example.com/hook")
+        jobs = [
+            await create_job(session, account, webhook_url="https://example.com/own")
+            for _ in range(count)
+        ]
+    envelopes = [handlers._Event(_event(job.id, account.id)) for job in jobs]
+    statements: list[str] = []
+    event.listen(engine.sync_engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    async with unit_of_work(sessionmaker) as session:
+        enqueued = await handlers._enqueue_many(session, envelopes, None)
+        # The jobs with their targets, the inbox rows, the deliveries.
+        assert len([s for s in statements if not s.startswith("BEGIN")]) == 3
+    assert [outcome.created if outcome else None for outcome in enqueued] == [2] * count
+    assert len(await load_deliveries(sessionmaker)) == 2 * count
