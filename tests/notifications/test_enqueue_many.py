@@ -31,8 +31,9 @@ def _event(job_id: str, account_id: str) -> Envelope:
 async def _jobs(sessionmaker: Sessionmaker) -> tuple[list[Envelope], str, str]:
     """Events of three jobs, in the order they come: one with a URL; one whose account
     also has an endpoint; one the backend has not ended yet (still processing); then the
-    first event again, and an event of a job that does not exist. And the ids of the
-    processing job and of the endpoint."""
+    first event again, an event of a job that does not exist, and another event of the
+    first job (another id: not a redelivery). And the ids of the processing job and of
+    the endpoint."""
     async with unit_of_work(sessionmaker) as session:
         alone, with_endpoint = await create_account(session), await create_account(session)
         endpoint = await create_endpoint(session, with_endpoint, url="https://example.com/hook")
@@ -42,7 +43,8 @@ async def _jobs(sessionmaker: Sessionmaker) -> tuple[list[Envelope], str, str]:
             session, alone, status="processing", webhook_url="https://example.com/3"
         )
     events = [_event(job.id, job.account_id) for job in (first, second, running)]
-    return [*events, events[0], _event("job_gone", alone.id)], running.id, endpoint.id
+    again = _event(first.id, alone.id)
+    return [*events, events[0], _event("job_gone", alone.id), again], running.id, endpoint.id
 
 
 async def _recorded(sessionmaker: Sessionmaker) -> set[str]:
@@ -51,20 +53,17 @@ async def _recorded(sessionmaker: Sessionmaker) -> set[str]:
 
 
 async def test_events_together_come_out_as_one_after_the_other(
-    sessionmaker: Sessionmaker,
+    engine: AsyncEngine, sessionmaker: Sessionmaker
 ) -> None:
     events, running, endpoint_id = await _jobs(sessionmaker)
     handle = handlers.make_handler(sessionmaker)
 
+    statements = _statements(engine)
     outcomes = await asyncio.gather(*(handle(e) for e in events), return_exceptions=True)
+    assert len(statements) == 3  # they went together: one transaction's three statements
 
-    assert [isinstance(outcome, Retry) for outcome in outcomes] == [
-        False,
-        False,
-        True,
-        False,
-        False,
-    ]
+    waited = [isinstance(outcome, Retry) for outcome in outcomes]
+    assert waited == [False, False, True, False, False, False]
     deliveries = {(d.job_id, d.target) for d in await load_deliveries(sessionmaker)}
     assert deliveries == {
         (events[0].job_id, "url:https://example.com/own"),
@@ -72,7 +71,7 @@ async def test_events_together_come_out_as_one_after_the_other(
         (events[1].job_id, f"endpoint:{endpoint_id}"),
     }
     # Every event but the one that waits is recorded, the missing job's too.
-    assert await _recorded(sessionmaker) == {events[n].id for n in (0, 1, 4)}
+    assert await _recorded(sessionmaker) == {events[n].id for n in (0, 1, 4, 5)}
 
     # Once the backend has ended it, the waiting event makes its delivery.
     async with unit_of_work(sessionmaker) as session:
@@ -96,11 +95,23 @@ async def test_events_together_are_three_statements_however_many(
             for _ in range(count)
         ]
     envelopes = [handlers._Event(_event(job.id, account.id)) for job in jobs]
-    statements: list[str] = []
-    event.listen(engine.sync_engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    statements = _statements(engine)
     async with unit_of_work(sessionmaker) as session:
         enqueued = await handlers._enqueue_many(session, envelopes, None)
         # The jobs with their targets, the inbox rows, the deliveries.
-        assert len([s for s in statements if not s.startswith("BEGIN")]) == 3
+        assert len(statements) == 3
     assert [outcome.created if outcome else None for outcome in enqueued] == [2] * count
     assert len(await load_deliveries(sessionmaker)) == 2 * count
+
+
+def _statements(engine: AsyncEngine) -> list[str]:
+    """The statements sent from now on, BEGIN and COMMIT apart."""
+    statements: list[str] = []
+
+    def count(*args: object) -> None:
+        statement = str(args[2])
+        if not statement.startswith(("BEGIN", "COMMIT")):
+            statements.append(statement)
+
+    event.listen(engine.sync_engine, "before_cursor_execute", count)
+    return statements

@@ -646,18 +646,18 @@ async def apply_completed_many(
     """
     if len(messages) == 1:
         return [await _apply_one(session, messages[0], price)]
-    first: dict[str, AIGenerationJobCompleted] = {}
-    for message in messages:
-        first.setdefault(message.job_id, message)
-    fences = [(message.job_id, message.attempt) for message in first.values()]
+    first: dict[str, int] = {}  # job id → the result that goes in the multi-row statements
+    for number, message in enumerate(messages):
+        first.setdefault(message.job_id, number)
+    fences = [(messages[n].job_id, messages[n].attempt) for n in first.values()]
     rows = await session.execute(_COMPLETE_MANY, {"fences": fences, "now": utcnow()})
     done = {row["id"]: as_loaded(session, Job, row) for row in rows.mappings()}
-    applied = [message for message in first.values() if message.job_id in done]
+    applied = [messages[n] for n in first.values() if messages[n].job_id in done]
     if applied:
         await _settle_completed(session, [(done[m.job_id], m) for m in applied], price)
     jobs: list[Job | None] = []
-    for message in messages:
-        if first[message.job_id] is message:
+    for number, message in enumerate(messages):
+        if first[message.job_id] == number:
             jobs.append(done.get(message.job_id))
         else:
             jobs.append(await _apply_one(session, message, price))
