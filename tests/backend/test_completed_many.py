@@ -33,7 +33,9 @@ async def _processing(api: Api, customer: Customer, count: int) -> list[str]:
     return ids
 
 
-def _result(job_id: str, account_id: str, *, tokens: int, attempt: int = 1) -> Any:
+def _result(
+    job_id: str, account_id: str, *, tokens: int, attempt: int = 1
+) -> AIGenerationJobCompleted:
     asset = AssetRef(key=f"{job_id}/0.txt", content_type="text/plain", bytes=5, sha256="0" * 64)
     return AIGenerationJobCompleted(
         job_id=job_id,
@@ -48,7 +50,7 @@ def _price(job: Job, message: AIGenerationJobCompleted) -> int:
     return message.usage["output_tokens"]
 
 
-async def _scenario(api: Api) -> tuple[list[str], list[str], list[Any]]:
+async def _scenario(api: Api) -> tuple[list[str], list[str], list[AIGenerationJobCompleted]]:
     """Jobs of two accounts and their results, in the order they come: the jobs' and
     accounts' ids, and the results."""
     first, second = await api.customer(credits=100), await api.customer(credits=100)
