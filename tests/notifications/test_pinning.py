@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 
-import httpx
+import aiohttp
 import pytest
 
 from aigen.clock import utcnow
@@ -77,10 +77,11 @@ class TestPinnedRequest:
         checked = await validate_url(
             receiver.url("/in?x=1", host="hooks.test"), settings, resolver=loopback_resolver
         )
-        async with sender.default_http_client(settings) as client:
-            request = pinned_request(client, checked, content=b"{}")
-            response = await client.send(request)
-        assert response.status_code == 200
+        async with (
+            sender.default_http_client(settings) as client,
+            pinned_request(client, checked, content=b"{}") as response,
+        ):
+            assert response.status == 200
         (received,) = receiver.requests
         assert received.headers["host"] == f"hooks.test:{receiver.port}"
         assert (received.method, received.path, received.body) == ("POST", "/in?x=1", b"{}")
@@ -93,9 +94,11 @@ class TestPinnedRequest:
         checked = await validate_url(
             receiver.url(host="hooks.test"), settings, resolver=loopback_resolver
         )
-        async with httpx.AsyncClient(verify=trust, trust_env=False) as client:
-            response = await client.send(pinned_request(client, checked, content=b"{}"))
-        assert response.status_code == 200
+        async with (
+            sender.default_http_client(settings, verify=trust) as client,
+            pinned_request(client, checked, content=b"{}") as response,
+        ):
+            assert response.status == 200
         assert receiver.sni_names == ["hooks.test"]
         assert receiver.requests[0].headers["host"] == f"hooks.test:{receiver.port}"
 
@@ -107,9 +110,10 @@ class TestPinnedRequest:
         checked = await validate_url(
             receiver.url(host="other.test"), settings, resolver=loopback_resolver
         )
-        async with httpx.AsyncClient(verify=trust, trust_env=False) as client:
-            with pytest.raises(httpx.ConnectError, match=r"certificate|hostname"):
-                await client.send(pinned_request(client, checked, content=b"{}"))
+        async with sender.default_http_client(settings, verify=trust) as client:
+            with pytest.raises(aiohttp.ClientConnectorError, match=r"certificate|hostname"):
+                async with pinned_request(client, checked, content=b"{}"):
+                    pass
         assert receiver.requests == []
 
 
@@ -141,7 +145,7 @@ class TestKeptConnections:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(cert, key)
         trust = ssl.create_default_context(cafile=str(cert))
-        clients = sender.Clients(lambda: httpx.AsyncClient(verify=trust, trust_env=False))
+        clients = sender.Clients(lambda: sender.default_http_client(settings, verify=trust))
         async with WebhookReceiverDouble(ssl_context=context, keep_alive_seconds=5) as receiver:
             for host in ("hooks.test", "other.test", "hooks.test", "other.test"):
                 result = await self.post(clients, receiver.url(host=host), settings)
@@ -165,9 +169,9 @@ class TestKeptConnections:
         assert receiver.connections == 2
 
     async def test_the_least_recently_used_origin_is_closed_later(self, settings: Settings) -> None:
-        made: list[httpx.AsyncClient] = []
+        made: list[aiohttp.ClientSession] = []
 
-        def factory() -> httpx.AsyncClient:
+        def factory() -> aiohttp.ClientSession:
             made.append(sender.default_http_client(settings))
             return made[-1]
 
@@ -178,12 +182,12 @@ class TestKeptConnections:
         assert clients.for_url("http://a.test/again") is first  # now the most recent
         clients.for_url("https://a.test/hook")  # a third origin pushes out b.test
         assert len(made) == 3
-        assert not second.is_closed  # an attempt may still be using it
+        assert not second.closed  # an attempt may still be using it
         await asyncio.sleep(0.2)
-        assert second.is_closed
-        assert not first.is_closed
+        assert second.closed
+        assert not first.closed
         await clients.aclose()
-        assert all(client.is_closed for client in made)
+        assert all(client.closed for client in made)
 
     async def test_closing_closes_the_lingering_too(self, settings: Settings) -> None:
         clients = sender.Clients(
@@ -192,5 +196,5 @@ class TestKeptConnections:
         pushed_out = clients.for_url("http://a.test/hook")
         kept = clients.for_url("http://b.test/hook")
         await clients.aclose()
-        assert pushed_out.is_closed
-        assert kept.is_closed
+        assert pushed_out.closed
+        assert kept.closed

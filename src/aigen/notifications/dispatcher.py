@@ -27,7 +27,7 @@ from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
 
-import httpx
+import aiohttp
 import structlog
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -46,7 +46,7 @@ from .signing import sign_headers
 from .ssrf import Resolver
 
 PayloadBuilder = Callable[[AsyncSession, WebhookDelivery], Awaitable[dict[str, Any]]]
-HttpClientFactory = Callable[[], httpx.AsyncClient]
+HttpClientFactory = Callable[[], aiohttp.ClientSession]
 
 MAX_PAYLOAD_BYTES = 20 * 1024
 # The loop's poll when nothing is known to be due: twenty `poll_interval_seconds`, at

@@ -19,11 +19,14 @@ import ipaddress
 import re
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from functools import lru_cache
 from urllib.parse import SplitResult, urlsplit
 
+import aiohttp
 import httpx
+import yarl
 
 from aigen.config import Settings
 
@@ -93,7 +96,7 @@ class CheckedURL:
     port: int
     ip: IPAddress
     addresses: tuple[IPAddress, ...]
-    target: httpx.URL
+    target: yarl.URL
 
     @property
     def host_header(self) -> str:
@@ -193,13 +196,11 @@ async def validate_url(
     raw_path = parts.path or "/"
     if parts.query:
         raw_path += "?" + parts.query
-    target = httpx.URL(
-        scheme=scheme,
-        userinfo=userinfo.encode("ascii"),
-        host=str(ip),
-        port=port,
-        raw_path=raw_path.encode("ascii"),
-    )
+    # The URL as given (its userinfo, path and query as they were written), with the
+    # checked address for the host.
+    address = f"[{ip}]" if ip.version == 6 else str(ip)
+    credentials = f"{userinfo}@" if userinfo else ""
+    target = yarl.URL(f"{scheme}://{credentials}{address}:{port}{raw_path}", encoded=True)
     return CheckedURL(
         url=url,
         scheme=scheme,
@@ -212,26 +213,27 @@ async def validate_url(
 
 
 def pinned_request(
-    client: httpx.AsyncClient,
+    session: aiohttp.ClientSession,
     checked: CheckedURL,
     *,
     method: str = "POST",
     headers: Mapping[str, str] | None = None,
     content: bytes | None = None,
-) -> httpx.Request:
-    """A request on `client` that connects to `checked.ip` but speaks to `checked.host`.
+) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
+    """A request on `session` that connects to `checked.ip` but speaks to `checked.host`.
 
     The connection never resolves the name again; `Host` and, for https, the SNI and the
-    certificate check use the original host name (httpcore's `sni_hostname` extension).
+    certificate check use the original host name (aiohttp's `server_hostname`).
+    Redirects are never followed.
     """
     all_headers = {**(headers or {}), "Host": checked.host_header}
-    sni = checked.sni_hostname
-    return client.build_request(
+    return session.request(
         method,
         checked.target,
         headers=all_headers,
-        content=content,
-        extensions={"sni_hostname": sni} if sni else None,
+        data=content,
+        allow_redirects=False,
+        server_hostname=checked.sni_hostname,
     )
 
 
