@@ -22,13 +22,18 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 from urllib.parse import SplitResult, urlsplit
 
-import aiohttp
 import httpx
 import yarl
 
 from aigen.config import Settings
+
+if TYPE_CHECKING:
+    # Only for the annotations: the API imports this module for its checks, and aiohttp
+    # (the sender's client) would add 6 MiB to its resident size.
+    import aiohttp
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
