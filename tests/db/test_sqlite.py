@@ -123,13 +123,19 @@ async def test_executemany_of_a_generator_that_met_the_lock_writes_every_row(
         assert sorted(rows) == [("0",), ("1",), ("2",)]
 
 
+async def _cancel_a_call_waiting_for_the_lock(connection: sqlite.LoopConnection) -> None:
+    """Start a call that meets the other writer's lock, and cancel its caller while the
+    call waits in its thread."""
+    waiting = asyncio.create_task(connection.execute("BEGIN IMMEDIATE"))
+    await asyncio.sleep(0.2)
+    waiting.cancel()
+
+
 async def test_a_call_cancelled_while_it_waits_for_the_lock_keeps_the_connection_until_it_ends(
     tmp_path: Path,
 ) -> None:
     async with _beside_a_writer(tmp_path / "a.db") as (other, connection):
-        waiting = asyncio.create_task(connection.execute("BEGIN IMMEDIATE"))
-        await asyncio.sleep(0.2)
-        waiting.cancel()
+        await _cancel_a_call_waiting_for_the_lock(connection)
         # The thread still waits in SQLite on this connection: the next call waits for it
         # (without holding the loop), then finds the transaction that call began.
         rolling_back = asyncio.create_task(connection.rollback())
@@ -146,9 +152,7 @@ async def test_a_close_while_a_call_waits_for_the_lock_closes_when_it_ends(
     tmp_path: Path,
 ) -> None:
     async with _beside_a_writer(tmp_path / "a.db") as (other, connection):
-        waiting = asyncio.create_task(connection.execute("BEGIN IMMEDIATE"))
-        await asyncio.sleep(0.2)
-        waiting.cancel()
+        await _cancel_a_call_waiting_for_the_lock(connection)
         connection.stop()  # SQLAlchemy's forced close: it must not pull the connection away
         assert connection._connection is not None
         other.execute("COMMIT")
