@@ -38,6 +38,7 @@ from tests.fixtures.scratch import free_port
 from aigen.db.session import Sessionmaker, create_engine, create_sessionmaker
 from aigen.models import OutboxMessage
 
+from . import dbwork
 from .infra import Proc, Resources, customer, migrate, wait_http
 from .load import (
     EndToEnd,
@@ -102,6 +103,8 @@ class Report:
     paced: dict[str, tuple[float, WrkResult]] = field(default_factory=dict)
     pipeline: dict[str, EndToEnd] = field(default_factory=dict)
     cpu: dict[str, dict[str, float]] = field(default_factory=dict)
+    # PostgreSQL's work per job in the same run (`dbwork`): the production stack only.
+    db_work: dict[str, dict[str, float]] = field(default_factory=dict)
     # Per cent of a core each process spends with no load at all (its polling loops).
     idle_cpu: dict[str, dict[str, float]] = field(default_factory=dict)
     legs: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
@@ -356,6 +359,8 @@ async def pipeline(
         watched = {n: p for n, p in stack.procs.items() if n in ("api", "worker", "up")}
         with RssPeak(watched) as rss:
             # The most jobs/s at 0 ms, first: it decides the rate the latency runs can hold.
+            postgres = kind == "production"
+            db_before = await dbwork.reading(stack.database_url) if postgres else None
             cpu_before = {name: proc.cpu_seconds() for name, proc in stack.procs.items()}
             profiling = [
                 asyncio.create_task(
@@ -378,6 +383,9 @@ async def pipeline(
             # the start went into these jobs (and the parts' idle polling).
             cpu_after = {name: proc.cpu_seconds() for name, proc in stack.procs.items()}
             done = [receiver.arrived[j] for j in sent.at if j in receiver.arrived]
+            if db_before is not None:
+                db_after = await dbwork.reading(stack.database_url, settle=True)
+                report.db_work[kind] = dbwork.per_job(db_before, db_after, len(done))
             # Steady state: from the first webhook to the end of posting.
             most = window_rate(done, min(done, default=sent.last), sent.last)
             if not math.isfinite(most) or most <= 0:
@@ -643,6 +651,9 @@ def render(report: Report) -> str:
             "\nCPU ms per job, by process: the 0 ms maximum run and its drain, / jobs delivered"
         )
         out.append(_by_process(report.cpu))
+    if report.db_work:
+        out.append("\nPostgreSQL's work per job, from its counters: the same run, / jobs delivered")
+        out.append(_by_process(report.db_work))
     if report.idle_cpu:
         out.append("\nIdle CPU, % of a core, by process: no load, after the warm-up's jobs")
         out.append(_by_process(report.idle_cpu))
