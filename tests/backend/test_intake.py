@@ -62,6 +62,30 @@ async def test_each_job_in_a_batch_is_judged_on_its_own(api: Api) -> None:
     assert stored == events == 5
 
 
+async def test_transactions_racing_for_one_key_never_pass_its_concurrency(api: Api) -> None:
+    # As the transactions of several API processes would: each its own connection, all
+    # at once. The account's lock, taken first, puts them in line; each then counts the
+    # jobs of those before it.
+    customer = await api.customer(credits=1000)
+    who = customer.principal(concurrency=7)
+
+    async def accept_one() -> Any:
+        async with unit_of_work(api.deps.sessionmaker) as session:
+            [outcome] = await job_service.create_many(session, [candidate(who, 1)])
+        return outcome
+
+    outcomes = await asyncio.gather(*(accept_one() for _ in range(30)))
+
+    kinds = sorted(type(o).__name__ for o in outcomes)
+    assert kinds == ["Accepted"] * 7 + ["ConcurrencyLimitError"] * 23
+    async with api.deps.sessionmaker() as session:
+        stored = await session.scalar(
+            select(func.count()).select_from(Job).where(Job.api_key_id == customer.key_id)
+        )
+        assert stored == 7
+        assert await billing.balance(session, customer.account_id) == 1000 - 7
+
+
 async def test_concurrent_accepts_share_transactions(api: Api) -> None:
     customer = await api.customer(credits=1000)
     who = customer.principal()

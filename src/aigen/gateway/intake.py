@@ -1,8 +1,8 @@
 """Group commit for `POST /v1/generate`: the jobs that arrive together share one transaction.
 
-Every accepted job locks its account's row (the balance) and its key's row (the
-concurrency count) until its transaction commits. One transaction per job makes those
-locks, the round trips and the commit the ceiling of the whole API: about a hundred jobs
+Every accepted job locks its account's row (the balance, and with it the count of the
+key's jobs in flight) until its transaction commits. One transaction per job makes that
+lock, the round trips and the commit the ceiling of the whole API: about a hundred jobs
 a second for one account, however many processes serve it. Here the jobs that arrive
 while a transaction runs wait for it to end and then go together in the next one
 (`job_service.create_many`), as a database groups the commits of concurrent

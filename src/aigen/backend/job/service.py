@@ -35,10 +35,9 @@ from aigen.bus.messages import (
 from aigen.clock import utcnow
 from aigen.db import notices
 from aigen.db.base import UTCDateTime, as_loaded, build, columns_of, one_of, table
-from aigen.db.session import is_postgres
 from aigen.errors import AppError, Conflict, NotFound, RateLimited
 from aigen.ids import new_id
-from aigen.models import ApiKey, Asset, Job
+from aigen.models import Asset, Job
 from aigen.models.job import (
     ACTIVE,
     CANCELED,
@@ -153,15 +152,16 @@ async def create_many(
     of the caller's: the API accepts the jobs that arrive together in one commit, so the
     hot rows' locks and the commit are paid once per batch (`gateway.intake`).
 
-    The accounts' and then the keys' rows are locked first, in id order; the counts read
-    after that see every job that the transactions before this one committed, so neither
-    the balance nor a key's concurrency can be overshot by racing API processes.
+    The accounts' rows are locked first, in id order; the counts read after that see
+    every job that the transactions before this one committed, so neither the balance
+    nor a key's concurrency can be overshot by racing API processes. A key belongs to
+    one account, and every job is created here, under its account's lock: that lock
+    puts the transactions of a key in line too, so the key's row needs no lock of its
+    own (the count is a statement of its own, after the lock: one statement's snapshot
+    is taken before it waits, and would miss the jobs of the transaction it waited for).
     """
     balances = await billing.lock_balances(session, (s.principal.account_id for s in candidates))
     key_ids = sorted({s.principal.key_id for s in candidates})
-    if is_postgres(session):
-        # (SQLite already serialises writers: every transaction begins IMMEDIATE.)
-        await session.execute(_LOCK_KEYS, {"ids": key_ids})
     counts = await session.execute(_ACTIVE_PER_KEY, {"ids": key_ids})
     active: dict[str, int] = {key_id: int(n) for key_id, n in counts.all()}
 
@@ -226,13 +226,6 @@ async def create_many(
 
 
 # Built once with bound parameters (see `db.base.table`): every batch runs them.
-_KEYS = table(ApiKey)
-_LOCK_KEYS = (
-    select(_KEYS.c.id)
-    .where(_KEYS.c.id.in_(bindparam("ids", expanding=True)))
-    .order_by(_KEYS.c.id)
-    .with_for_update(key_share=True)  # as `lock_balances`: inserts may go on
-)
 _ACTIVE_PER_KEY = (
     select(_JOBS.c.api_key_id, func.count())
     .where(_JOBS.c.api_key_id.in_(bindparam("ids", expanding=True)), one_of(_JOBS.c.status, ACTIVE))
