@@ -87,6 +87,30 @@ async def test_a_rollback_publishes_nothing(sessionmaker: Sessionmaker) -> None:
         assert broker.published == []
 
 
+async def test_a_failed_publish_leaves_the_rows_for_the_next_look_in_order(
+    sessionmaker: Sessionmaker,
+) -> None:
+    class FailingOnceBroker(RecordingBroker):
+        async def publish(self, envelopes: Sequence[Envelope]) -> None:
+            if not hasattr(self, "failed"):
+                self.failed = True
+                raise ConnectionError("the broker is away")
+            await super().publish(envelopes)
+
+    broker = FailingOnceBroker()
+    relay = outbox.Relay(sessionmaker, broker, batch=10)  # type: ignore[arg-type]
+    async with unit_of_work(sessionmaker) as session:
+        sent = [
+            outbox.add(session, AIGenerationJobCanceled(job_id=f"job-{n}", account_id="acc-1"))
+            for n in range(3)
+        ]
+    with pytest.raises(ConnectionError):
+        await relay.run_once()
+    assert await relay.run_once() == 3
+    assert [e.id for e in broker.published] == [e.id for e in sent]
+    assert await relay.run_once() == 0
+
+
 # NOTIFY is PostgreSQL's (SQLite has one process, whose relays are woken in memory).
 @pytest.mark.parametrize(
     "database_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
@@ -138,7 +162,7 @@ async def test_an_idle_relay_looks_less_often_and_still_finds_a_row_no_one_annou
     engine = sessionmaker.kw["bind"].sync_engine
 
     def count(_conn: object, _cursor: object, statement: str, *_: object) -> None:
-        if statement.startswith("SELECT outbox_messages.id"):
+        if statement.startswith("UPDATE outbox_messages SET sent_at"):  # a look
             looks.append(statement)
 
     stop = asyncio.Event()

@@ -21,8 +21,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import structlog
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import Select, bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.dml import ReturningUpdate
 
 from aigen.aio import IDLE_POLL_MAX_SECONDS, IdlePoll, sleep_or_stop, wait_any
 from aigen.clock import utcnow
@@ -63,17 +64,26 @@ async def add_many(session: AsyncSession, envelopes: Sequence[Envelope]) -> None
 _TABLE = table(OutboxMessage)
 _INSERT = insert(_TABLE)
 _UNSENT = (
-    select(_TABLE.c.id, _TABLE.c.body)
+    select(_TABLE.c.id)
     .where(_TABLE.c.sent_at.is_(None))
     .order_by(_TABLE.c.id)
     .limit(bindparam("batch"))
 )
-_UNSENT_SKIP_LOCKED = _UNSENT.with_for_update(skip_locked=True)
-_MARK_SENT = (
-    update(_TABLE)
-    .where(_TABLE.c.id.in_(bindparam("ids", expanding=True)))
-    .values(sent_at=bindparam("now"))
-)
+
+
+def _take(unsent: Select[Any]) -> ReturningUpdate[Any]:
+    """The oldest unsent rows, stamped sent, with their bodies: one round trip where a
+    read and then an UPDATE took two."""
+    return (
+        update(_TABLE)
+        .where(_TABLE.c.id.in_(unsent))
+        .values(sent_at=bindparam("now"))
+        .returning(_TABLE.c.id, _TABLE.c.body)
+    )
+
+
+_TAKE = _take(_UNSENT)
+_TAKE_SKIP_LOCKED = _take(_UNSENT.with_for_update(skip_locked=True))
 
 
 def _row(envelope: Envelope) -> dict[str, Any]:
@@ -116,9 +126,13 @@ class Relay:
     async def run_once(self) -> int:
         """Publish one batch; returns how many rows were sent."""
         async with unit_of_work(self._sessionmaker) as session:
-            # Several relays share the table (PostgreSQL): each takes rows nobody else holds.
-            statement = _UNSENT_SKIP_LOCKED if is_postgres(session) else _UNSENT
-            rows = (await session.execute(statement, {"batch": self._batch})).all()
+            # The rows are stamped sent as they are taken, in one statement; a publish
+            # that fails rolls the stamp back with the rest. Several relays share the
+            # table (PostgreSQL): each takes rows nobody else holds.
+            statement = _TAKE_SKIP_LOCKED if is_postgres(session) else _TAKE
+            taken = await session.execute(statement, {"batch": self._batch, "now": utcnow()})
+            # RETURNING keeps no order: the events go out in the order they were added.
+            rows = sorted(taken.all())
             if not rows:
                 return 0
             envelopes = [Envelope.from_json(body) for _, body in rows]
@@ -126,9 +140,6 @@ class Relay:
                 await self._broker.publish_in(session, envelopes)
             else:
                 await self._broker.publish(envelopes)
-            await session.execute(
-                _MARK_SENT, {"ids": [row_id for row_id, _ in rows], "now": utcnow()}
-            )
         return len(rows)
 
     async def run(self, stop: asyncio.Event) -> None:
