@@ -35,28 +35,13 @@ class Claim:
 async def claim_due(
     session: AsyncSession, *, limit: int, now: datetime, lease_until: datetime
 ) -> list[Claim]:
-    """Lease up to `limit` due deliveries until `lease_until`, oldest due first."""
-    rows = (
-        await session.execute(
-            select(WebhookDelivery.id, WebhookDelivery.attempts)
-            .where(
-                WebhookDelivery.status == PENDING,
-                WebhookDelivery.next_attempt_at <= now,
-                or_(WebhookDelivery.leased_until.is_(None), WebhookDelivery.leased_until < now),
-            )
-            .order_by(WebhookDelivery.next_attempt_at)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-    ).all()
-    if not rows:
-        return []
-    await session.execute(
-        update(WebhookDelivery)
-        .where(WebhookDelivery.id.in_([row.id for row in rows]))
-        .values(leased_until=lease_until, attempts=WebhookDelivery.attempts + 1)
+    """Lease up to `limit` due deliveries until `lease_until`, oldest due first: taken,
+    leased and counted in one statement."""
+    rows = await session.execute(
+        _CLAIM_DUE, {"limit": limit, "now": now, "lease_until": lease_until}
     )
-    return [Claim(id=row.id, attempt=row.attempts + 1) for row in rows]
+    # RETURNING keeps no order: the oldest due first, as they were chosen.
+    return [Claim(id=id_, attempt=attempts) for _, id_, attempts in sorted(rows.all())]
 
 
 async def settle(session: AsyncSession, claim: Claim, **values: Any) -> bool:
@@ -79,6 +64,24 @@ async def settle_delivered(
 
 
 _DELIVERIES = table(WebhookDelivery)
+_DUE = (
+    select(_DELIVERIES.c.id)
+    .where(
+        _DELIVERIES.c.status == PENDING,
+        _DELIVERIES.c.next_attempt_at <= bindparam("now"),
+        or_(_DELIVERIES.c.leased_until.is_(None), _DELIVERIES.c.leased_until < bindparam("now")),
+    )
+    .order_by(_DELIVERIES.c.next_attempt_at)
+    .limit(bindparam("limit"))
+    # Several notifiers claim at once (PostgreSQL): each takes rows nobody else holds.
+    .with_for_update(skip_locked=True)
+)
+_CLAIM_DUE = (
+    update(_DELIVERIES)
+    .where(_DELIVERIES.c.id.in_(_DUE))
+    .values(leased_until=bindparam("lease_until"), attempts=_DELIVERIES.c.attempts + 1)
+    .returning(_DELIVERIES.c.next_attempt_at, _DELIVERIES.c.id, _DELIVERIES.c.attempts)
+)
 _SETTLE_DELIVERED = (
     update(_DELIVERIES)
     .where(
