@@ -15,11 +15,24 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import structlog
-from sqlalchemy import bindparam, delete, event, func, insert, select, text, tuple_, update
+from sqlalchemy import (
+    Select,
+    bindparam,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    tuple_,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.dml import ReturningUpdate
 
 from aigen.aio import IDLE_POLL_MAX_SECONDS, IdlePoll, sleep_or_stop, wait_any
 from aigen.clock import utcnow
@@ -154,31 +167,16 @@ class DatabaseBroker:
     async def _claim(self, queue: str, limit: int) -> list[_Lease]:
         now = utcnow()
         token = secrets.token_hex(8)
+        params = {
+            "queue_name": queue,
+            "now": now,
+            "limit": limit,
+            "lease_end": now + timedelta(seconds=self._lease),
+            "token": token,
+        }
         async with unit_of_work(self._sessionmaker) as session:
-            candidates = (
-                select(QueueMessage.id)
-                .where(
-                    QueueMessage.queue == queue,
-                    QueueMessage.dead_at.is_(None),
-                    QueueMessage.available_at <= now,
-                    (QueueMessage.leased_until.is_(None)) | (QueueMessage.leased_until < now),
-                )
-                .order_by(QueueMessage.id)
-                .limit(limit)
-            )
-            if is_postgres(session):
-                candidates = candidates.with_for_update(skip_locked=True)
-            result = await session.execute(
-                update(QueueMessage)
-                .where(QueueMessage.id.in_(candidates.scalar_subquery()))
-                .values(
-                    leased_until=now + timedelta(seconds=self._lease),
-                    lease_token=token,
-                    deliveries=QueueMessage.deliveries + 1,
-                )
-                .returning(QueueMessage.id, QueueMessage.deliveries, QueueMessage.body)
-                .execution_options(synchronize_session=False)
-            )
+            claim = _CLAIM_SKIP_LOCKED if is_postgres(session) else _CLAIM
+            result = await session.execute(claim, params)
             rows = sorted(result.all())
         return [_Lease(row_id, token, deliveries, body) for row_id, deliveries, body in rows]
 
@@ -294,6 +292,38 @@ async def _delete_leased(session: AsyncSession, leases: Sequence[_Lease]) -> lis
 
 
 _QUEUE = table(QueueMessage)
+# Built once with bound parameters (see `db.base.table`): every poll that finds work runs
+# one, and building it anew cost about as much as running it.
+_AVAILABLE = (
+    select(_QUEUE.c.id)
+    .where(
+        _QUEUE.c.queue == bindparam("queue_name"),
+        _QUEUE.c.dead_at.is_(None),
+        _QUEUE.c.available_at <= bindparam("now"),
+        (_QUEUE.c.leased_until.is_(None)) | (_QUEUE.c.leased_until < bindparam("now")),
+    )
+    .order_by(_QUEUE.c.id)
+    .limit(bindparam("limit"))
+)
+
+
+def _claim(available: Select[Any]) -> ReturningUpdate[Any]:
+    return (
+        update(_QUEUE)
+        .where(_QUEUE.c.id.in_(available))
+        .values(
+            # (An UPDATE's parameters may not take its columns' names.)
+            leased_until=bindparam("lease_end"),
+            lease_token=bindparam("token"),
+            deliveries=_QUEUE.c.deliveries + 1,
+        )
+        .returning(_QUEUE.c.id, _QUEUE.c.deliveries, _QUEUE.c.body)
+    )
+
+
+_CLAIM = _claim(_AVAILABLE)
+# Several consumers of a queue claim at once (PostgreSQL): each takes rows nobody holds.
+_CLAIM_SKIP_LOCKED = _claim(_AVAILABLE.with_for_update(skip_locked=True))
 _DELETE_LEASED = delete(_QUEUE).where(
     tuple_(_QUEUE.c.id, _QUEUE.c.lease_token).in_(bindparam("leases", expanding=True))
 )
