@@ -15,30 +15,17 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
 
 import structlog
-from sqlalchemy import (
-    Select,
-    bindparam,
-    delete,
-    event,
-    func,
-    insert,
-    select,
-    text,
-    tuple_,
-    update,
-)
+from sqlalchemy import bindparam, delete, event, func, insert, select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.dml import ReturningUpdate
 
 from aigen.aio import IDLE_POLL_MAX_SECONDS, IdlePoll, sleep_or_stop, wait_any
 from aigen.clock import utcnow
 from aigen.db.base import table
 from aigen.db.group import GroupCommit
-from aigen.db.session import Sessionmaker, is_postgres, unit_of_work
+from aigen.db.session import Sessionmaker, unit_of_work
 from aigen.models import QueueMessage
 
 from .broker import DeadLetterHook, Handler, Retry
@@ -175,8 +162,7 @@ class DatabaseBroker:
             "token": token,
         }
         async with unit_of_work(self._sessionmaker) as session:
-            claim = _CLAIM_SKIP_LOCKED if is_postgres(session) else _CLAIM
-            result = await session.execute(claim, params)
+            result = await session.execute(_CLAIM, params)
             rows = sorted(result.all())
         return [_Lease(row_id, token, deliveries, body) for row_id, deliveries, body in rows]
 
@@ -293,37 +279,33 @@ async def _delete_leased(session: AsyncSession, leases: Sequence[_Lease]) -> lis
 
 _QUEUE = table(QueueMessage)
 # Built once with bound parameters (see `db.base.table`): every poll that finds work runs
-# one, and building it anew cost about as much as running it.
-_AVAILABLE = (
-    select(_QUEUE.c.id)
+# it, and building it anew cost about as much as running it. Several consumers of a queue
+# claim at once (PostgreSQL): each takes rows nobody holds (SQLite has no row locks, and
+# its compiler leaves them out).
+_CLAIM = (
+    update(_QUEUE)
     .where(
-        _QUEUE.c.queue == bindparam("queue_name"),
-        _QUEUE.c.dead_at.is_(None),
-        _QUEUE.c.available_at <= bindparam("now"),
-        (_QUEUE.c.leased_until.is_(None)) | (_QUEUE.c.leased_until < bindparam("now")),
-    )
-    .order_by(_QUEUE.c.id)
-    .limit(bindparam("limit"))
-)
-
-
-def _claim(available: Select[Any]) -> ReturningUpdate[Any]:
-    return (
-        update(_QUEUE)
-        .where(_QUEUE.c.id.in_(available))
-        .values(
-            # (An UPDATE's parameters may not take its columns' names.)
-            leased_until=bindparam("lease_end"),
-            lease_token=bindparam("token"),
-            deliveries=_QUEUE.c.deliveries + 1,
+        _QUEUE.c.id.in_(
+            select(_QUEUE.c.id)
+            .where(
+                _QUEUE.c.queue == bindparam("queue_name"),
+                _QUEUE.c.dead_at.is_(None),
+                _QUEUE.c.available_at <= bindparam("now"),
+                (_QUEUE.c.leased_until.is_(None)) | (_QUEUE.c.leased_until < bindparam("now")),
+            )
+            .order_by(_QUEUE.c.id)
+            .limit(bindparam("limit"))
+            .with_for_update(skip_locked=True)
         )
-        .returning(_QUEUE.c.id, _QUEUE.c.deliveries, _QUEUE.c.body)
     )
-
-
-_CLAIM = _claim(_AVAILABLE)
-# Several consumers of a queue claim at once (PostgreSQL): each takes rows nobody holds.
-_CLAIM_SKIP_LOCKED = _claim(_AVAILABLE.with_for_update(skip_locked=True))
+    .values(
+        # (An UPDATE's parameters may not take its columns' names.)
+        leased_until=bindparam("lease_end"),
+        lease_token=bindparam("token"),
+        deliveries=_QUEUE.c.deliveries + 1,
+    )
+    .returning(_QUEUE.c.id, _QUEUE.c.deliveries, _QUEUE.c.body)
+)
 _DELETE_LEASED = delete(_QUEUE).where(
     tuple_(_QUEUE.c.id, _QUEUE.c.lease_token).in_(bindparam("leases", expanding=True))
 )

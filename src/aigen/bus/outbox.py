@@ -21,15 +21,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import structlog
-from sqlalchemy import Select, bindparam, insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.sql.dml import ReturningUpdate
 
 from aigen.aio import IDLE_POLL_MAX_SECONDS, IdlePoll, sleep_or_stop, wait_any
 from aigen.clock import utcnow
 from aigen.db import notices
 from aigen.db.base import table
-from aigen.db.session import Sessionmaker, is_postgres, unit_of_work
+from aigen.db.session import Sessionmaker, unit_of_work
 from aigen.models import OutboxMessage
 
 from .broker import Broker, TransactionalPublisher
@@ -63,27 +62,23 @@ async def add_many(session: AsyncSession, envelopes: Sequence[Envelope]) -> None
 # The statements of every event, built once with bound parameters (see `db.base.table`).
 _TABLE = table(OutboxMessage)
 _INSERT = insert(_TABLE)
-_UNSENT = (
-    select(_TABLE.c.id)
-    .where(_TABLE.c.sent_at.is_(None))
-    .order_by(_TABLE.c.id)
-    .limit(bindparam("batch"))
-)
-
-
-def _take(unsent: Select[Any]) -> ReturningUpdate[Any]:
-    """The oldest unsent rows, stamped sent, with their bodies: one round trip where a
-    read and then an UPDATE took two."""
-    return (
-        update(_TABLE)
-        .where(_TABLE.c.id.in_(unsent))
-        .values(sent_at=bindparam("now"))
-        .returning(_TABLE.c.id, _TABLE.c.body)
+# The oldest unsent rows, stamped sent, with their bodies: one round trip where a read
+# and then an UPDATE took two. Several relays share the table (PostgreSQL): each takes
+# rows nobody else holds (SQLite has no row locks, and its compiler leaves them out).
+_TAKE = (
+    update(_TABLE)
+    .where(
+        _TABLE.c.id.in_(
+            select(_TABLE.c.id)
+            .where(_TABLE.c.sent_at.is_(None))
+            .order_by(_TABLE.c.id)
+            .limit(bindparam("batch"))
+            .with_for_update(skip_locked=True)
+        )
     )
-
-
-_TAKE = _take(_UNSENT)
-_TAKE_SKIP_LOCKED = _take(_UNSENT.with_for_update(skip_locked=True))
+    .values(sent_at=bindparam("now"))
+    .returning(_TABLE.c.id, _TABLE.c.body)
+)
 
 
 def _row(envelope: Envelope) -> dict[str, Any]:
@@ -127,10 +122,8 @@ class Relay:
         """Publish one batch; returns how many rows were sent."""
         async with unit_of_work(self._sessionmaker) as session:
             # The rows are stamped sent as they are taken, in one statement; a publish
-            # that fails rolls the stamp back with the rest. Several relays share the
-            # table (PostgreSQL): each takes rows nobody else holds.
-            statement = _TAKE_SKIP_LOCKED if is_postgres(session) else _TAKE
-            taken = await session.execute(statement, {"batch": self._batch, "now": utcnow()})
+            # that fails rolls the stamp back with the rest.
+            taken = await session.execute(_TAKE, {"batch": self._batch, "now": utcnow()})
             # RETURNING keeps no order: the events go out in the order they were added.
             rows = sorted(taken.all())
             if not rows:
