@@ -4,6 +4,8 @@ another, in three statements for all of them."""
 from __future__ import annotations
 
 import asyncio
+import json
+from pathlib import Path
 
 import pytest
 from sqlalchemy import event, select, update
@@ -11,10 +13,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from aigen.bus.broker import Retry
 from aigen.bus.messages import AIGenerationJobCompleted, Envelope
+from aigen.config import Settings
 from aigen.db.session import Sessionmaker, unit_of_work
-from aigen.models import InboxMessage, Job
+from aigen.models import Asset, InboxMessage, Job
 from aigen.notifications import handlers
+from aigen.notifications.dispatcher import Dispatcher
 from aigen.notifications.service import JOB_COMPLETED
+from aigen.storage.filesystem import FilesystemStore
 
 from .factories import create_account, create_endpoint, create_job
 from .helpers import load_deliveries
@@ -102,6 +107,60 @@ async def test_events_together_are_three_statements_however_many(
         assert len(statements) == 3
     assert [outcome.created if outcome else None for outcome in enqueued] == [2] * count
     assert len(await load_deliveries(sessionmaker)) == 2 * count
+
+
+@pytest.mark.parametrize("count", [1, 5])
+async def test_the_payloads_of_events_together_read_their_assets_in_one_statement(
+    engine: AsyncEngine,
+    sessionmaker: Sessionmaker,
+    settings: Settings,
+    tmp_path: Path,
+    count: int,
+) -> None:
+    # Each job has assets of its own (the first none at all): each payload handed to the
+    # dispatcher lists its own job's, and they were all read in one statement.
+    async with unit_of_work(sessionmaker) as session:
+        account = await create_account(session)
+        jobs = [
+            await create_job(session, account, webhook_url="https://example.com/own")
+            for _ in range(count)
+        ]
+        for number, job in enumerate(jobs):
+            for index in range(number % 3):
+                session.add(
+                    Asset(
+                        job_id=job.id,
+                        index=index,
+                        key=f"{job.id}/{index}.txt",
+                        content_type="text/plain",
+                        bytes=index + 1,
+                        sha256=f"{number:02d}{index:062d}",
+                    )
+                )
+    store = FilesystemStore(tmp_path, secret="s" * 32, public_url="http://127.0.0.1:8000")
+    builder = handlers.make_payload_builder(store, settings)
+    dispatcher = Dispatcher(sessionmaker, settings, payload_builder=builder)
+    events = [handlers._Event(_event(job.id, account.id)) for job in jobs]
+    stop = asyncio.Event()
+    running = asyncio.create_task(dispatcher.run(stop))  # it leases only while it runs
+    await asyncio.sleep(0.1)
+    statements = _statements(engine)
+    async with unit_of_work(sessionmaker) as session:
+        enqueued = await handlers._enqueue_many(session, events, dispatcher)
+    dispatcher.unreserve(sum(event.reserved for event in events))
+    stop.set()
+    await running
+    # The jobs with their targets, the inbox rows, the deliveries, the assets.
+    assert len(statements) == 4
+    for number, (job, outcome) in enumerate(zip(jobs, enqueued, strict=True)):
+        assert outcome is not None
+        [(_, message)] = outcome.handed
+        data = json.loads(message.body)["data"]
+        assert data["id"] == job.id
+        assert [a["sha256"] for a in data["assets"]] == [
+            f"{number:02d}{index:062d}" for index in range(number % 3)
+        ]
+        assert all(a["url"].startswith("http://127.0.0.1:8000/") for a in data["assets"])
 
 
 def _statements(engine: AsyncEngine) -> list[str]:

@@ -17,6 +17,7 @@ import structlog
 from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from aigen.backend.job import service as job_service
 from aigen.backend.job import views
 from aigen.bus import inbox
 from aigen.bus.broker import Handler, Retry
@@ -118,18 +119,42 @@ async def _enqueue_many(
         session, [_deliveries(events[n], targets[n], dispatcher) for n in new]
     )
     created = dict(zip(new, made, strict=True))
-    outcomes: list[Enqueued | None] = []
-    for n in range(len(events)):
-        deliveries = created.get(n, [])
-        handed = []
-        if dispatcher is not None:
+    handed: dict[int, list[tuple[repository.Claim, Prepared]]] = {}
+    if dispatcher is not None:
+        handed = await _prepare_leased(session, dispatcher, created, targets)
+    return [
+        Enqueued(len(created.get(n, [])), handed.get(n, [])) if n in ended else None
+        for n in range(len(events))
+    ]
+
+
+async def _prepare_leased(
+    session: AsyncSession,
+    dispatcher: Dispatcher,
+    created: dict[int, list[WebhookDelivery]],
+    targets: Sequence[Targets],
+) -> dict[int, list[tuple[repository.Claim, Prepared]]]:
+    """Each event's new leased deliveries, prepared for the dispatcher; the assets of
+    their completed jobs are read in one statement for all of them, not one per payload."""
+    leased = {
+        n: [delivery for delivery in deliveries if delivery.leased_until is not None]
+        for n, deliveries in created.items()
+    }
+    completed = [
+        job.id
+        for n, deliveries in leased.items()
+        if deliveries and (job := targets[n][0]) is not None and job.status == COMPLETED
+    ]
+    # One job's payload reads its own assets: the same one statement.
+    assets = await job_service.assets_of_many(session, completed) if len(completed) > 1 else {}
+    handed: dict[int, list[tuple[repository.Claim, Prepared]]] = {}
+    with views.preloaded_assets(session, assets):
+        for n, deliveries in leased.items():
             for delivery in deliveries:
-                if delivery.leased_until is not None:
-                    claim = repository.Claim(delivery.id, delivery.attempts)
-                    message = await dispatcher.prepare(session, delivery, account=targets[n][1])
-                    handed.append((claim, message))
-        outcomes.append(Enqueued(len(deliveries), handed) if n in ended else None)
-    return outcomes
+                claim = repository.Claim(delivery.id, delivery.attempts)
+                message = await dispatcher.prepare(session, delivery, account=targets[n][1])
+                handed.setdefault(n, []).append((claim, message))
+    return handed
 
 
 def _deliveries(event: _Event, targets: Targets, dispatcher: Dispatcher | None) -> service.Event:
