@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     retry_base_seconds: float = 1.0
     retry_max_seconds: float = 300.0
     relay_batch: int = 100
+    # With RabbitMQ, each process publishes the events it wrote as soon as they commit
+    # (`aigen.bus.publisher`); the relay then only picks up what such a process left.
+    publish_on_commit: bool = True
     prefetch: int = 8
     # RabbitMQ broker: a prefix for every queue and exchange name (several deployments or
     # test runs on one server), and the TTL retry queues in seconds (comma-separated;

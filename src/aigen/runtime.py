@@ -19,8 +19,10 @@ from aigen.backend import handlers as backend_handlers
 from aigen.backend import sweeper
 from aigen.backend.job import service as job_service
 from aigen.bootstrap import Deps
+from aigen.bus.broker import TransactionalPublisher
 from aigen.bus.outbox import Relay
 from aigen.bus.patience import patient
+from aigen.bus.publisher import OutboxPublisher
 from aigen.bus.soon import retry_soon
 from aigen.bus.topology import BACKEND, NOTIFICATIONS, WORKFLOW
 from aigen.db import notices
@@ -65,6 +67,20 @@ async def run_relay(deps: Deps, stop: asyncio.Event) -> None:
         idle_poll_max=deps.settings.idle_poll_max_seconds,
     )
     await relay.run(stop)
+
+
+async def run_publisher(deps: Deps, stop: asyncio.Event) -> None:
+    await OutboxPublisher(deps.sessionmaker, deps.broker).run(stop)
+
+
+def publishes_on_commit(deps: Deps, names: Iterable[str]) -> bool:
+    """Whether this process publishes its own events once they commit: with a broker
+    outside the database, unless turned off, in every process but a lone relay."""
+    return (
+        deps.settings.publish_on_commit
+        and not isinstance(deps.broker, TransactionalPublisher)
+        and set(names) != {"relay"}
+    )
 
 
 async def run_worker(deps: Deps, stop: asyncio.Event) -> None:
@@ -165,19 +181,23 @@ BACKGROUND: dict[str, Part] = {
 
 
 async def run_parts(deps: Deps, names: Iterable[str], stop: asyncio.Event) -> None:
-    """Run background parts until `stop`; one that crashes is logged and restarted."""
+    """Run background parts until `stop`; one that crashes is logged and restarted. The
+    process's own outbox publisher runs beside them (`publishes_on_commit`)."""
 
-    async def supervised(name: str) -> None:
+    async def supervised(name: str, part: Part) -> None:
         while not stop.is_set():
             try:
-                await BACKGROUND[name](deps, stop)
+                await part(deps, stop)
             except Exception:
                 log.exception("part.crashed", part=name)
                 await asyncio.sleep(1.0)
 
+    parts = {name: BACKGROUND[name] for name in names}
+    if publishes_on_commit(deps, parts):
+        parts["publisher"] = run_publisher
     # Consumers allocate per message what a request does: the same reasons hold.
     quiet_garbage_collector()
-    await asyncio.gather(*(supervised(name) for name in names))
+    await asyncio.gather(*(supervised(name, part) for name, part in parts.items()))
 
 
 async def serve_api(

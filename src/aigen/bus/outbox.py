@@ -18,10 +18,11 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aigen.aio import IDLE_POLL_MAX_SECONDS, IdlePoll, sleep_or_stop, wait_any
@@ -31,6 +32,7 @@ from aigen.db.base import table
 from aigen.db.session import Sessionmaker, unit_of_work
 from aigen.models import OutboxMessage
 
+from . import publisher
 from .broker import Broker, TransactionalPublisher
 from .messages import Envelope, Message
 
@@ -46,8 +48,8 @@ LISTENING_POLL_SECONDS = 1.0
 def add(session: AsyncSession, message: Message, *, traceparent: str | None = None) -> Envelope:
     """Queue `message` for publication when the caller's transaction commits."""
     envelope = Envelope.wrap(message, traceparent=traceparent)
-    session.add(OutboxMessage(**_row(envelope)))
-    notices.after_commit(session, CHANNEL)
+    session.add(OutboxMessage(**_row(envelope, publisher.lease(session, envelope.time))))
+    _publish_on_commit(session, [envelope])
     return envelope
 
 
@@ -55,8 +57,16 @@ async def add_many(session: AsyncSession, envelopes: Sequence[Envelope]) -> None
     """`add` for many events at once: one multi-row INSERT, at once (not at the flush)."""
     if not envelopes:
         return
-    await session.execute(_INSERT, [_row(e) for e in envelopes])
-    notices.after_commit(session, CHANNEL)
+    until = publisher.lease(session, utcnow())
+    await session.execute(_INSERT, [_row(e, until) for e in envelopes])
+    _publish_on_commit(session, envelopes)
+
+
+def _publish_on_commit(session: AsyncSession, envelopes: Sequence[Envelope]) -> None:
+    # The process's own publisher, if it runs one, takes them once committed; else the
+    # relay, woken by the commit's notice.
+    if not publisher.hand_on_commit(session, envelopes):
+        notices.after_commit(session, CHANNEL)
 
 
 # The statements of every event, built once with bound parameters (see `db.base.table`).
@@ -70,7 +80,11 @@ _TAKE = (
     .where(
         _TABLE.c.id.in_(
             select(_TABLE.c.id)
-            .where(_TABLE.c.sent_at.is_(None))
+            .where(
+                _TABLE.c.sent_at.is_(None),
+                # Left to the process that wrote it until its lease ends (`publisher`).
+                or_(_TABLE.c.dispatch_until.is_(None), _TABLE.c.dispatch_until < bindparam("now")),
+            )
             .order_by(_TABLE.c.id)
             .limit(bindparam("batch"))
             .with_for_update(skip_locked=True)
@@ -81,7 +95,7 @@ _TAKE = (
 )
 
 
-def _row(envelope: Envelope) -> dict[str, Any]:
+def _row(envelope: Envelope, dispatch_until: datetime | None = None) -> dict[str, Any]:
     return {
         "event_id": envelope.id,
         "type": envelope.type,
@@ -89,6 +103,7 @@ def _row(envelope: Envelope) -> dict[str, Any]:
         "account_id": str(envelope.data.get("account_id")),
         "body": envelope.to_json(),
         "created_at": envelope.time,
+        "dispatch_until": dispatch_until,
     }
 
 

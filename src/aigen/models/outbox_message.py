@@ -12,8 +12,10 @@ from aigen.db.base import BigIntPK, Model
 class OutboxMessage(Model):
     """An event written in the same transaction as the state change it announces.
 
-    The relay publishes unsent rows and stamps `sent_at`. Rows are kept (not deleted) so
-    that `GET /v1/events` can serve an account's feed from them.
+    The relay publishes unsent rows and stamps `sent_at`. A row written by a process that
+    publishes its own events once they commit (`aigen.bus.publisher`) carries
+    `dispatch_until`: the relay leaves it to that process until then. Rows are kept (not
+    deleted) so that `GET /v1/events` can serve an account's feed from them.
     """
 
     __tablename__ = "outbox_messages"
@@ -35,3 +37,4 @@ class OutboxMessage(Model):
     body: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(default=None)
+    dispatch_until: Mapped[datetime | None] = mapped_column(default=None)
