@@ -463,11 +463,11 @@ async def workers_scale(
     """Drain a backlog of 200 ms jobs with 1, then 2 worker processes of `c` slots each.
 
     The workers drain it alone: the relay, the backend and the notifier stop meanwhile
-    (the results wait in the outbox), as on a deployment where the workers have machines
-    of their own. On these 2 cores, the parts behind the workers would otherwise cap two
-    workers at what the whole pipeline can do (the 0 ms maximum above), whatever the
-    workers could. Once the workers are done, those parts start again and every webhook
-    must arrive.
+    (the workers publish their results, which wait in RabbitMQ), as on a deployment where
+    the workers have machines of their own. On these 2 cores, the parts behind the
+    workers would otherwise cap two workers at what the whole pipeline can do (the 0 ms
+    maximum above), whatever the workers could. Once the workers are done, those parts
+    start again and every webhook must arrive.
     """
     await stack.procs.pop("worker").stop()
     engine = create_engine(stack.database_url)
@@ -531,7 +531,7 @@ async def _announced(
 
 
 async def _relayed(sessionmaker: Sessionmaker, timeout: float = 60) -> None:
-    """Until the relay has published every outbox row (the backlog is in RabbitMQ)."""
+    """Until every outbox row is published and stamped (the backlog is in RabbitMQ)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         async with sessionmaker() as session:
