@@ -353,6 +353,11 @@ class RabbitMQBroker:
             return
         channel = await self._publisher()
         exchange = await channel.get_exchange(self._name(EXCHANGE), ensure=False)
+        if len(envelopes) == 1:
+            # The common case of a process publishing its own commit: no task to gather.
+            [envelope] = envelopes
+            await self._send(exchange, _message(envelope), envelope.routing_key)
+            return
         results = await asyncio.gather(
             *(
                 self._send(exchange, _message(envelope), envelope.routing_key)
