@@ -7,7 +7,7 @@ process's sessionmaker saves that hop, as MassTransit's and NServiceBus's outbox
 dispatch after the commit. The rows its transactions add carry `dispatch_until`, a
 lease: until then the relay leaves them alone. Once the transaction has committed, the
 events (in memory still) are published with confirms, and their rows are stamped sent
-shortly after, many in one statement.
+within a second, many in one statement.
 
 Nothing is lost and the contract stays at least once:
 
@@ -49,8 +49,10 @@ log = structlog.get_logger(__name__)
 # How long the relay leaves a row to the process that wrote it: far longer than a
 # publish takes, short enough that a crashed process's events go out soon after.
 LEASE_SECONDS = 10.0
-# The sent stamps wait this long to share a statement (they only keep the relay off).
-STAMP_GAP_SECONDS = 0.05
+# The sent stamps wait this long to share a statement: they only keep the relay off once
+# the lease ends, so a second (a tenth of the lease) is soon enough, and below the
+# maximum it makes one transaction of many events' stamps instead of one each.
+STAMP_GAP_SECONDS = 1.0
 # Publishes start at most this often, as the relay's do: under load the commits of a few
 # milliseconds then share one publish (a message alone costs about twice the CPU of one
 # in eight); an event after a quiet spell goes out at once.
