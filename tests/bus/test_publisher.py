@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import insert, select
 
 from aigen.bus import outbox
+from aigen.bus import publisher as publisher_module
 from aigen.bus.messages import AIGenerationJobCanceled, Envelope
 from aigen.bus.publisher import OutboxPublisher
 from aigen.clock import utcnow
@@ -139,10 +140,38 @@ async def test_a_failed_publish_gives_the_rows_to_the_relay_at_once(
             return (await _rows(sessionmaker))[envelope.id].dispatch_until is None
 
         await _eventually(released)
+        # While the broker is away the process leaves its new events to the relay too.
+        async with unit_of_work(sessionmaker) as session:
+            later = outbox.add(session, _canceled("job-2"))
+        assert (await _rows(sessionmaker))[later.id].dispatch_until is None
     assert broker.published == []
     broker.up = True
-    assert await outbox.Relay(sessionmaker, broker).run_once() == 1  # type: ignore[arg-type]
-    assert [e.id for e in broker.published] == [envelope.id]
+    assert await outbox.Relay(sessionmaker, broker).run_once() == 2  # type: ignore[arg-type]
+    assert [e.id for e in broker.published] == [envelope.id, later.id]
+
+
+async def test_after_the_pause_the_process_publishes_its_events_again(
+    sessionmaker: Sessionmaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(publisher_module, "PAUSE_SECONDS", 0.5)
+    broker = BrokerDownDouble()
+    async with publishing(sessionmaker, broker):
+        async with unit_of_work(sessionmaker) as session:
+            outbox.add(session, _canceled("job-1"))
+        broker.up = True
+
+        async def paused() -> bool:
+            return publisher_module._PUBLISHER not in sessionmaker.kw["info"]
+
+        async def back() -> bool:
+            return not await paused()
+
+        await _eventually(paused)
+        await _eventually(back)
+        async with unit_of_work(sessionmaker) as session:
+            again = outbox.add(session, _canceled("job-2"))
+        await asyncio.wait_for(broker.arrived.wait(), 5)
+    assert [e.id for e in broker.published] == [again.id]
 
 
 async def test_without_a_publisher_the_rows_are_the_relays_at_once(

@@ -14,7 +14,7 @@ Nothing is lost and the contract stays at least once:
 - the transaction rolls back: nothing was written, nothing is published;
 - the process dies after the commit, or the publish fails: the rows stay unsent, and a
   relay publishes them once the lease has run out (after a failed publish, at once:
-  the lease is given back);
+  the lease is given back, and for a pause the process writes its events without one);
 - the process dies after the publish but before the stamp: a relay publishes them
   again after the lease, and the consumers' inbox rows drop the second copy.
 
@@ -57,6 +57,10 @@ STAMP_GAP_SECONDS = 1.0
 # milliseconds then share one publish (a message alone costs about twice the CPU of one
 # in eight); an event after a quiet spell goes out at once.
 MIN_GAP_SECONDS = 0.005
+# After a failed publish the process leaves its events to the relay for this long (the
+# relay retries on its own), doubling while publishes keep failing, up to the maximum.
+PAUSE_SECONDS = 1.0
+MAX_PAUSE_SECONDS = 30.0
 # session.info: the publisher of the session's process; the events to hand it on commit.
 _PUBLISHER = "aigen.outbox.publisher"
 _HANDED = "aigen.outbox.handed"
@@ -85,7 +89,9 @@ def lease(session: AsyncSession, now: datetime) -> datetime | None:
 
 def hand_on_commit(session: AsyncSession, envelopes: Sequence[Envelope]) -> bool:
     """Give `envelopes` to the session's publisher once the transaction commits; False
-    when the session has none (the relay then publishes them)."""
+    when the session has none (the relay then publishes them). Only the outermost
+    transaction counts: no code here adds events inside a SAVEPOINT, whose rollback
+    would not take them back."""
     if _PUBLISHER not in session.info:
         return False
     session.info.setdefault(_HANDED, []).extend(envelopes)
@@ -132,10 +138,15 @@ class OutboxPublisher:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Attach to the sessionmaker and publish until `stop`; then detach, publish what
-        was handed meanwhile and stamp it (what comes later waits for the relay)."""
+        was handed meanwhile and stamp it (what comes later waits for the relay).
+
+        While publishes fail (the broker is away) it detaches for a pause: the process's
+        events are then written without a lease and the relay, which retries on its own,
+        publishes them."""
         info: dict[str, Any] = self._sessionmaker.kw.setdefault("info", {})
         info[_PUBLISHER] = self
         stamped_at = published_at = time.monotonic()
+        pause = PAUSE_SECONDS
         try:
             while not stop.is_set():
                 if not self._queue:
@@ -147,7 +158,13 @@ class OutboxPublisher:
                     await wait_any(gap, stop)
                 if self._queue:
                     published_at = time.monotonic()
-                    await self._publish()
+                    if await self._publish():
+                        pause = PAUSE_SECONDS
+                    else:
+                        info.pop(_PUBLISHER, None)
+                        await wait_any(pause, stop)
+                        pause = min(MAX_PAUSE_SECONDS, pause * 2)
+                        info[_PUBLISHER] = self
                 if self._published and time.monotonic() - stamped_at >= self._stamp_gap:
                     await self._stamp()
                     stamped_at = time.monotonic()
@@ -157,17 +174,19 @@ class OutboxPublisher:
             await self._publish()
             await self._stamp()
 
-    async def _publish(self) -> None:
+    async def _publish(self) -> bool:
+        """Publish what was handed; False if that failed (the rows then go to the relay)."""
         envelopes, self._queue = self._queue, []
         if not envelopes:
-            return
+            return True
         try:
             await self._broker.publish(envelopes)
-        except Exception:
-            log.exception("outbox.publish_failed", events=len(envelopes))
+        except Exception as error:
+            log.warning("outbox.publish_failed", events=len(envelopes), error=repr(error))
             await self._release([envelope.id for envelope in envelopes])
-        else:
-            self._published += [envelope.id for envelope in envelopes]
+            return False
+        self._published += [envelope.id for envelope in envelopes]
+        return True
 
     async def _stamp(self) -> None:
         """Stamp the published rows sent; kept for the next try if that fails."""
