@@ -209,13 +209,18 @@ class Resources:
 
     # Teardown ----------------------------------------------------------------------
 
+    async def clear_rabbitmq(self) -> None:
+        """Delete the namespace's queues and exchanges, with what waits in them; the next
+        process that starts declares them anew."""
+        with contextlib.suppress(Exception):
+            names = RabbitMQBroker(RABBITMQ_URL, namespace=self.namespace)
+            await scratch.delete_topology(RABBITMQ_URL, names)
+
     async def aclose(self) -> None:
         await asyncio.gather(*(proc.stop() for proc in self.processes if proc.running))
         for name in self.databases:
             await scratch.drop_database(POSTGRES_URL, name)
-        with contextlib.suppress(Exception):
-            names = RabbitMQBroker(RABBITMQ_URL, namespace=self.namespace)
-            await scratch.delete_topology(RABBITMQ_URL, names)
+        await self.clear_rabbitmq()
         await scratch.delete_redis_prefix(REDIS_URL, self.redis_prefix)
         if not self.keep:
             shutil.rmtree(self.root, ignore_errors=True)

@@ -248,6 +248,10 @@ async def accept(
             )
     rss.into(report, "accept")
     await asyncio.gather(bare.stop(), api_a.stop(), api_b.stop())
+    # The production API published an event for every job it accepted, and no worker
+    # took them: the pipeline's worker must not start on that backlog (of jobs in
+    # another database).
+    await res.clear_rabbitmq()
 
 
 async def paced(
