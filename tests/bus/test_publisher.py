@@ -21,6 +21,7 @@ from aigen.db.session import Sessionmaker, unit_of_work
 from aigen.models import OutboxMessage
 
 from .test_outbox_wakeup import RecordingBroker
+from .test_rabbitmq import eventually
 
 
 class BrokerDownDouble(RecordingBroker):
@@ -60,13 +61,6 @@ async def _rows(sessionmaker: Sessionmaker) -> dict[str, OutboxMessage]:
         return {row.event_id: row for row in await session.scalars(select(OutboxMessage))}
 
 
-async def _eventually(check: object, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():  # type: ignore[operator]
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.02)
-
-
 async def test_committed_events_are_published_without_a_relay_and_stamped_sent(
     sessionmaker: Sessionmaker,
 ) -> None:
@@ -81,7 +75,7 @@ async def test_committed_events_are_published_without_a_relay_and_stamped_sent(
         async def stamped() -> bool:
             return all(row.sent_at for row in (await _rows(sessionmaker)).values())
 
-        await _eventually(stamped)
+        await eventually(stamped)
     assert [e.id for e in broker.published] == [one.id, *(e.id for e in more)]
     # A relay that looks now finds nothing left to send.
     assert await outbox.Relay(sessionmaker, broker).run_once() == 0  # type: ignore[arg-type]
@@ -139,7 +133,7 @@ async def test_a_failed_publish_gives_the_rows_to_the_relay_at_once(
         async def released() -> bool:
             return (await _rows(sessionmaker))[envelope.id].dispatch_until is None
 
-        await _eventually(released)
+        await eventually(released)
         # While the broker is away the process leaves its new events to the relay too.
         async with unit_of_work(sessionmaker) as session:
             later = outbox.add(session, _canceled("job-2"))
@@ -166,8 +160,8 @@ async def test_after_the_pause_the_process_publishes_its_events_again(
         async def back() -> bool:
             return not await paused()
 
-        await _eventually(paused)
-        await _eventually(back)
+        await eventually(paused)
+        await eventually(back)
         async with unit_of_work(sessionmaker) as session:
             again = outbox.add(session, _canceled("job-2"))
         await asyncio.wait_for(broker.arrived.wait(), 5)
