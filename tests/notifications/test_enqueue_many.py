@@ -150,8 +150,10 @@ async def test_the_payloads_of_events_together_read_their_assets_in_one_statemen
     dispatcher.unreserve(sum(event.reserved for event in events))
     stop.set()
     await running
-    # The jobs with their targets, the inbox rows, the deliveries, the assets.
-    assert len(statements) == 4
+    # The jobs with their targets, the inbox rows, the deliveries, the assets (the
+    # running dispatcher's own claims of due deliveries apart).
+    ours = [s for s in statements if not s.startswith("UPDATE webhook_deliveries")]
+    assert len(ours) == 4
     for number, (job, outcome) in enumerate(zip(jobs, enqueued, strict=True)):
         assert outcome is not None
         [(_, message)] = outcome.handed
