@@ -180,24 +180,43 @@ BACKGROUND: dict[str, Part] = {
 }
 
 
-async def run_parts(deps: Deps, names: Iterable[str], stop: asyncio.Event) -> None:
-    """Run background parts until `stop`; one that crashes is logged and restarted. The
-    process's own outbox publisher runs beside them (`publishes_on_commit`)."""
+async def run_parts(
+    deps: Deps,
+    names: Iterable[str],
+    stop: asyncio.Event,
+    *,
+    serving: Awaitable[None] | None = None,
+) -> None:
+    """Run background parts until `stop`; one that crashes is logged and restarted.
 
-    async def supervised(name: str, part: Part) -> None:
-        while not stop.is_set():
+    The process's own outbox publisher (`publishes_on_commit`) runs beside them and
+    outlives them and `serving` (the process's API server, if any): the jobs, messages
+    and requests they finish after `stop` still have their events published at once,
+    not by the relay once the lease has run out."""
+
+    async def supervised(name: str, part: Part, until: asyncio.Event) -> None:
+        while not until.is_set():
             try:
-                await part(deps, stop)
+                await part(deps, until)
             except Exception:
                 log.exception("part.crashed", part=name)
                 await asyncio.sleep(1.0)
 
-    parts = {name: BACKGROUND[name] for name in names}
-    if publishes_on_commit(deps, parts):
-        parts["publisher"] = run_publisher
     # Consumers allocate per message what a request does: the same reasons hold.
     quiet_garbage_collector()
-    await asyncio.gather(*(supervised(name, part) for name, part in parts.items()))
+    done = asyncio.Event()
+    publishing = None
+    if publishes_on_commit(deps, names):
+        publishing = asyncio.create_task(supervised("publisher", run_publisher, done))
+    try:
+        await asyncio.gather(
+            *(supervised(name, BACKGROUND[name], stop) for name in names),
+            *([serving] if serving is not None else []),
+        )
+    finally:
+        done.set()
+        if publishing is not None:
+            await publishing
 
 
 async def serve_api(

@@ -11,12 +11,16 @@ from datetime import timedelta
 
 import pytest
 from sqlalchemy import insert, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from aigen import runtime
+from aigen.bootstrap import Deps
 from aigen.bus import outbox
 from aigen.bus import publisher as publisher_module
 from aigen.bus.messages import AIGenerationJobCanceled, Envelope
 from aigen.bus.publisher import OutboxPublisher
 from aigen.clock import utcnow
+from aigen.config import Settings
 from aigen.db.session import Sessionmaker, unit_of_work
 from aigen.models import OutboxMessage
 
@@ -186,3 +190,49 @@ async def test_a_stopped_publisher_no_longer_leases_rows(sessionmaker: Sessionma
         envelope = outbox.add(session, _canceled("job-1"))
     assert (await _rows(sessionmaker))[envelope.id].dispatch_until is None
     assert broker.published == []
+
+
+class ClosableRecordingBroker(RecordingBroker):
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_the_publisher_outlives_the_parts_and_the_server_of_its_process(
+    engine: AsyncEngine, sessionmaker: Sessionmaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A consumer's message in hand and a request in flight finish after the stop: their
+    # events go out from the process at once, not from a relay after the lease.
+    stop = asyncio.Event()
+    late: list[Envelope] = []
+
+    async def finish_after_stop(delay: float) -> None:
+        await stop.wait()
+        await asyncio.sleep(delay)
+        async with unit_of_work(sessionmaker) as session:
+            late.append(outbox.add(session, _canceled(f"job-{delay}")))
+
+    async def part(_deps: object, until: asyncio.Event) -> None:
+        assert until is stop
+        await finish_after_stop(0.1)
+
+    monkeypatch.setitem(runtime.BACKGROUND, "late", part)
+    broker = ClosableRecordingBroker()
+    deps = Deps(
+        settings=Settings(),
+        secret="s" * 32,
+        engine=engine,
+        sessionmaker=sessionmaker,
+        broker=broker,  # type: ignore[arg-type]
+        catalog=None,  # type: ignore[arg-type]
+        store=None,  # type: ignore[arg-type]
+        limiter=None,  # type: ignore[arg-type]
+    )
+    running = asyncio.create_task(
+        runtime.run_parts(deps, ["late"], stop, serving=finish_after_stop(0.2))
+    )
+    await asyncio.sleep(0.1)
+    stop.set()
+    await asyncio.wait_for(running, 10)
+    assert [e.id for e in broker.published] == [e.id for e in late]
+    assert len(late) == 2
+    assert all(row.sent_at for row in (await _rows(sessionmaker)).values())

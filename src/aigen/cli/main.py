@@ -56,10 +56,10 @@ async def _run(
     stop = asyncio.Event()
     runtime.install_stop_signals(stop)
     try:
-        tasks = [runtime.run_parts(deps, parts, stop)]
+        serving = None
         if api is not None:
-            tasks.append(runtime.serve_api(deps, stop, host=api[0], port=api[1]))
-        await asyncio.gather(*tasks)
+            serving = runtime.serve_api(deps, stop, host=api[0], port=api[1])
+        await runtime.run_parts(deps, parts, stop, serving=serving)
     finally:
         await deps.aclose()
 
