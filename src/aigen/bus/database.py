@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from aigen.aio import IDLE_POLL_MAX_SECONDS, IdlePoll, sleep_or_stop, wait_any
 from aigen.clock import utcnow
-from aigen.db.base import table
+from aigen.db.base import table, unleased
 from aigen.db.group import GroupCommit
 from aigen.db.session import Sessionmaker, unit_of_work
 from aigen.models import QueueMessage
@@ -291,7 +291,7 @@ _CLAIM = (
                 _QUEUE.c.queue == bindparam("queue_name"),
                 _QUEUE.c.dead_at.is_(None),
                 _QUEUE.c.available_at <= bindparam("now"),
-                (_QUEUE.c.leased_until.is_(None)) | (_QUEUE.c.leased_until < bindparam("now")),
+                unleased(_QUEUE.c.leased_until, bindparam("now")),
             )
             .order_by(_QUEUE.c.id)
             .limit(bindparam("limit"))

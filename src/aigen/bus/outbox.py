@@ -22,13 +22,13 @@ from datetime import datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import bindparam, insert, or_, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aigen.aio import IDLE_POLL_MAX_SECONDS, IdlePoll, sleep_or_stop, wait_any
 from aigen.clock import utcnow
 from aigen.db import notices
-from aigen.db.base import table
+from aigen.db.base import table, unleased
 from aigen.db.session import Sessionmaker, unit_of_work
 from aigen.models import OutboxMessage
 
@@ -83,7 +83,7 @@ _TAKE = (
             .where(
                 _TABLE.c.sent_at.is_(None),
                 # Left to the process that wrote it until its lease ends (`publisher`).
-                or_(_TABLE.c.dispatch_until.is_(None), _TABLE.c.dispatch_until < bindparam("now")),
+                unleased(_TABLE.c.dispatch_until, bindparam("now")),
             )
             .order_by(_TABLE.c.id)
             .limit(bindparam("batch"))

@@ -102,6 +102,12 @@ def one_of(column: ColumnElement[Any], values: Iterable[Any]) -> ColumnElement[b
     return or_(*(column == value for value in values))
 
 
+def unleased(column: ColumnElement[Any], now: ColumnElement[Any]) -> ColumnElement[bool]:
+    """A row that nobody holds: its lease `column` is unset or ran out before `now`
+    (the queue's messages, the outbox's rows, the webhook deliveries)."""
+    return or_(column.is_(None), column < now)
+
+
 M = TypeVar("M", bound=Model)
 
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, or_, select, tuple_, update
+from sqlalchemy import bindparam, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from aigen.db.base import table
+from aigen.db.base import table, unleased
 from aigen.models import WebhookDelivery
 
 from .service import DELIVERED, PENDING
@@ -69,7 +69,7 @@ _DUE = (
     .where(
         _DELIVERIES.c.status == PENDING,
         _DELIVERIES.c.next_attempt_at <= bindparam("now"),
-        or_(_DELIVERIES.c.leased_until.is_(None), _DELIVERIES.c.leased_until < bindparam("now")),
+        unleased(_DELIVERIES.c.leased_until, bindparam("now")),
     )
     .order_by(_DELIVERIES.c.next_attempt_at)
     .limit(bindparam("limit"))
