@@ -202,6 +202,7 @@ async def run_parts(
                 log.exception("part.crashed", part=name)
                 await asyncio.sleep(1.0)
 
+    names = list(names)  # read twice below
     # Consumers allocate per message what a request does: the same reasons hold.
     quiet_garbage_collector()
     done = asyncio.Event()
