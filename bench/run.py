@@ -38,7 +38,7 @@ from tests.fixtures.scratch import free_port
 from aigen.db.session import Sessionmaker, create_engine, create_sessionmaker
 from aigen.models import OutboxMessage
 
-from . import dbwork
+from . import dbwork, machine
 from .infra import Proc, Resources, customer, migrate, wait_http
 from .load import (
     EndToEnd,
@@ -365,7 +365,7 @@ async def pipeline(
             # The most jobs/s at 0 ms, first: it decides the rate the latency runs can hold.
             postgres = kind == "production"
             db_before = await dbwork.reading(stack.database_url) if postgres else None
-            cpu_before = {name: proc.cpu_seconds() for name, proc in stack.procs.items()}
+            meter = machine.CpuMeter(stack.procs)
             profiling = [
                 asyncio.create_task(
                     record(
@@ -385,8 +385,8 @@ async def pipeline(
             result = await end_to_end(receiver, sent, model_ms=0, timeout=plan.drain_seconds)
             # Posting has stopped and the pipeline has drained: all the CPU spent since
             # the start went into these jobs (and the parts' idle polling).
-            cpu_after = {name: proc.cpu_seconds() for name, proc in stack.procs.items()}
             done = [receiver.arrived[j] for j in sent.at if j in receiver.arrived]
+            spent = meter.per_job(len(done))
             if db_before is not None:
                 db_after = await dbwork.reading(stack.database_url, settle=True)
                 report.db_work[kind] = dbwork.per_job(db_before, db_after, len(done))
@@ -396,11 +396,8 @@ async def pipeline(
                 # Not one webhook before posting stopped: count the drain instead.
                 most = steady_rate(done) if len(done) >= 10 else 0.0
             result.jobs_per_s = most
-            report.cpu[kind] = {
-                name: 1000 * (cpu_after[name] - cpu_before[name]) / max(1, len(done))
-                for name, proc in stack.procs.items()
-            }
             label = f"{kind} 0 ms, max"
+            report.cpu[label] = spent
             report.pipeline[label] = result
             _print_e2e(label, result)
             report.notes.append(
@@ -418,6 +415,7 @@ async def pipeline(
             # a run at half that rate shows better what the pipeline itself adds.
             runs = [(0, rate), (200, rate), (0, max(1.0, round(rate / 2)))]
             for model_ms, offered in runs:
+                meter = machine.CpuMeter(stack.procs)
                 sent = await open_loop(
                     client,
                     body=job_body(f"bench-{model_ms}ms", receiver.url, "rate"),
@@ -429,6 +427,7 @@ async def pipeline(
                     receiver, sent, model_ms=model_ms, timeout=plan.drain_seconds
                 )
                 label = f"{kind} {model_ms} ms @ {offered:.0f}/s"
+                report.cpu[label] = meter.per_job(result.jobs - result.missing)
                 report.pipeline[label] = result
                 _print_e2e(label, result)
                 if model_ms == 0:
@@ -652,9 +651,11 @@ def render(report: Report) -> str:
         out.append(table(["leg", *labels], rows))
     if report.cpu:
         out.append(
-            "\nCPU ms per job, by process: the 0 ms maximum run and its drain, / jobs delivered"
+            "\nCPU ms per job: each run from its start to its drain, / jobs delivered; the aigen"
+            " processes, then the services', the bench's own (load and webhook receiver), what"
+            " none of them accounts for, and the machine's total (/proc/stat)"
         )
-        out.append(_by_process(report.cpu))
+        out.append(_by_process(report.cpu, order=machine.COLUMNS, label="run"))
     if report.db_work:
         out.append("\nPostgreSQL's work per job, from its counters: the same run, / jobs delivered")
         out.append(_by_process(report.db_work))
@@ -694,14 +695,17 @@ def render(report: Report) -> str:
     return "\n".join(out)
 
 
-def _by_process(per_stack: dict[str, dict[str, float]]) -> str:
-    """A table of one number per process, a row per stack (a stack lacks some processes)."""
-    names = sorted({name for per in per_stack.values() for name in per})
+def _by_process(
+    per_row: dict[str, dict[str, float]], *, order: Sequence[str] = (), label: str = "stack"
+) -> str:
+    """A table of one number per process, a row per stack or run (a stack lacks some
+    processes); the names in `order` last, in that order, the others before them by name."""
+    present = {name for per in per_row.values() for name in per}
+    names = [*sorted(present - set(order)), *(name for name in order if name in present)]
     rows = [
-        [kind, *(f"{per[n]:.1f}" if n in per else "" for n in names)]
-        for kind, per in per_stack.items()
+        [row, *(f"{per[n]:.1f}" if n in per else "" for n in names)] for row, per in per_row.items()
     ]
-    return table(["stack", *names], rows)
+    return table([label, *names], rows)
 
 
 # Entry point -------------------------------------------------------------------------------
