@@ -157,6 +157,42 @@ async def test_a_publish_wakes_the_consumer_once_it_is_committed(
         await _until(lambda: handled == ["job_1"], seconds=2)
 
 
+async def test_a_claim_that_was_not_full_is_not_followed_by_another_at_once(
+    sessionmaker: Sessionmaker,
+) -> None:
+    # Each claim is a write transaction: after one that took fewer messages than it
+    # asked for, the queue was empty, and the consumer waits for a wake-up or its poll.
+    broker = DatabaseBroker(sessionmaker, poll_interval=5.0)
+    handled: list[str] = []
+
+    async def handler(envelope: Envelope) -> None:
+        handled.append(envelope.job_id)
+
+    async with _consuming(broker, handler):
+        await asyncio.sleep(0.2)  # its first claim found nothing: it waits for 5 s now
+        with _counting_claims(sessionmaker) as claims:
+            await broker.publish([canceled(1), canceled(2)])
+            await _until(lambda: len(handled) == 2, seconds=2)
+            await asyncio.sleep(0.3)
+        assert len(claims) == 1
+
+
+async def test_a_backlog_larger_than_the_prefetch_is_claimed_batch_after_batch(
+    sessionmaker: Sessionmaker,
+) -> None:
+    broker = DatabaseBroker(sessionmaker, poll_interval=5.0)
+    await broker.publish([canceled(n) for n in range(20)])
+    handled: list[str] = []
+
+    async def handler(envelope: Envelope) -> None:
+        handled.append(envelope.job_id)
+
+    # Full claims of 8 are followed by the next at once, not after the 5 s poll.
+    async with _consuming(broker, handler):
+        await _until(lambda: len(handled) == 20, seconds=3)
+    assert sorted(handled) == sorted(f"job_{n}" for n in range(20))
+
+
 @asynccontextmanager
 async def _consuming(broker: DatabaseBroker, handler: Handler) -> AsyncIterator[None]:
     """`broker` consuming `QUEUE` with `handler` for the duration of the block."""

@@ -144,10 +144,13 @@ class DatabaseBroker:
                 task = asyncio.create_task(self._handle(queue, lease, handler, on_dead_letter))
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
-            if leases:
-                idle.after(found=True)
-                continue
-            await wait_any(idle.after(found=False), stop, wakeup)
+            poll = idle.after(found=bool(leases))
+            if len(leases) == free:
+                continue  # a full claim: more may be waiting
+            # Fewer than asked for: the queue held no more. Claiming again at once found
+            # nothing but cost a write transaction, for each batch of each queue; a
+            # publish in this process, or the next poll, ends the wait instead.
+            await wait_any(poll, stop, wakeup)
         if in_flight:
             await asyncio.gather(*in_flight, return_exceptions=True)
 
