@@ -19,6 +19,7 @@ from aigen.backend import handlers as backend_handlers
 from aigen.backend import sweeper
 from aigen.backend.job import service as job_service
 from aigen.bootstrap import Deps
+from aigen.bus import outbox
 from aigen.bus.broker import TransactionalPublisher
 from aigen.bus.outbox import Relay
 from aigen.bus.patience import patient
@@ -189,6 +190,10 @@ async def run_parts(
 ) -> None:
     """Run background parts until `stop`; one that crashes is logged and restarted.
 
+    With the embedded queue (a broker in the database), the events the process adds go
+    into the queue in their own transactions (`outbox.write_through`); the relay then
+    only publishes the rare ones added otherwise.
+
     The process's own outbox publisher (`publishes_on_commit`) runs beside them and
     outlives them and `serving` (the process's API server, if any): the jobs, messages
     and requests they finish after `stop` still have their events published at once,
@@ -209,11 +214,14 @@ async def run_parts(
     publishing = None
     if publishes_on_commit(deps, names):
         publishing = asyncio.create_task(supervised("publisher", run_publisher, done))
+    # With the embedded queue, the events go into it in their own transactions.
+    queue = deps.broker if isinstance(deps.broker, TransactionalPublisher) else None
     try:
-        await asyncio.gather(
-            *(supervised(name, BACKGROUND[name], stop) for name in names),
-            *([serving] if serving is not None else []),
-        )
+        with outbox.write_through(deps.sessionmaker, queue) if queue else contextlib.nullcontext():
+            await asyncio.gather(
+                *(supervised(name, BACKGROUND[name], stop) for name in names),
+                *([serving] if serving is not None else []),
+            )
     finally:
         done.set()
         if publishing is not None:

@@ -86,7 +86,8 @@ class DatabaseBroker:
             await self.publish_in(session, envelopes)
 
     async def publish_in(self, session: AsyncSession, envelopes: Sequence[Envelope]) -> None:
-        """Fan out inside the caller's transaction: the relay marks rows sent in the same one."""
+        """Fan out inside the caller's transaction: the one that adds the events
+        (`outbox.write_through`), or the relay's, which marks their rows sent in it."""
         now = utcnow()
         rows = [
             {

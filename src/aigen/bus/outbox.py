@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -43,6 +43,8 @@ CHANNEL = "aigen_outbox"
 MAX_GAP_SECONDS = 0.005
 # How often a relay that listens for notices on PostgreSQL polls all the same.
 LISTENING_POLL_SECONDS = 1.0
+# session.info: the queue that `add_many` writes to directly (`write_through`).
+_WRITE_THROUGH = "aigen.outbox.write_through"
 
 
 def add(session: AsyncSession, message: Message, *, traceparent: str | None = None) -> Envelope:
@@ -57,9 +59,37 @@ async def add_many(session: AsyncSession, envelopes: Sequence[Envelope]) -> None
     """`add` for many events at once: one multi-row INSERT, at once (not at the flush)."""
     if not envelopes:
         return
-    until = publisher.lease(session, utcnow())
+    now = utcnow()
+    queue: TransactionalPublisher | None = session.info.get(_WRITE_THROUGH)
+    if queue is not None:
+        # The queue is in this database: its rows go in with the events', in this
+        # transaction, and the events' rows are born sent (they stay for the event feed).
+        await session.execute(_INSERT, [_row(e, sent_at=now) for e in envelopes])
+        await queue.publish_in(session, envelopes)
+        return
+    until = publisher.lease(session, now)
     await session.execute(_INSERT, [_row(e, until) for e in envelopes])
     _publish_on_commit(session, envelopes)
+
+
+@contextlib.contextmanager
+def write_through(sessionmaker: Sessionmaker, queue: TransactionalPublisher) -> Iterator[None]:
+    """While in the block, the events that `add_many` adds in `sessionmaker`'s sessions
+    go into `queue` (the embedded queue, in the same database) in their own transaction.
+
+    The relay's hop (a notice, a transaction that takes the rows and writes the queue's)
+    cost `aigen up` a write transaction per batch of events, behind SQLite's one write
+    lock, and a few milliseconds of each event's way. Exactly once, as before: the queue
+    rows commit or roll back with the change they announce. `add`, for the rare events
+    (a cancel, an expiry), still leaves its rows to the relay.
+    """
+    info: dict[str, Any] = sessionmaker.kw.setdefault("info", {})
+    info[_WRITE_THROUGH] = queue
+    try:
+        yield
+    finally:
+        if info.get(_WRITE_THROUGH) is queue:
+            del info[_WRITE_THROUGH]
 
 
 def _publish_on_commit(session: AsyncSession, envelopes: Sequence[Envelope]) -> None:
@@ -95,7 +125,9 @@ _TAKE = (
 )
 
 
-def _row(envelope: Envelope, dispatch_until: datetime | None = None) -> dict[str, Any]:
+def _row(
+    envelope: Envelope, dispatch_until: datetime | None = None, *, sent_at: datetime | None = None
+) -> dict[str, Any]:
     return {
         "event_id": envelope.id,
         "type": envelope.type,
@@ -104,6 +136,7 @@ def _row(envelope: Envelope, dispatch_until: datetime | None = None) -> dict[str
         "body": envelope.to_json(),
         "created_at": envelope.time,
         "dispatch_until": dispatch_until,
+        "sent_at": sent_at,
     }
 
 
