@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -163,18 +164,94 @@ async def test_a_claim_that_was_not_full_is_not_followed_by_another_at_once(
     # Each claim is a write transaction: after one that took fewer messages than it
     # asked for, the queue was empty, and the consumer waits for a wake-up or its poll.
     broker = DatabaseBroker(sessionmaker, poll_interval=5.0)
+    await broker.publish([canceled(1), canceled(2)])  # before it consumes: no hand-over
     handled: list[str] = []
 
     async def handler(envelope: Envelope) -> None:
-        handled.append(envelope.job_id)
+        handled.append(envelope.job_id or "")
+
+    with _counting_claims(sessionmaker) as claims:
+        async with _consuming(broker, handler):
+            await _until(lambda: len(handled) == 2, seconds=2)
+            await asyncio.sleep(0.3)
+    assert len(claims) == 1
+
+
+async def test_a_message_published_in_its_consumers_process_is_handed_over_without_a_claim(
+    sessionmaker: Sessionmaker,
+) -> None:
+    broker = DatabaseBroker(sessionmaker, poll_interval=5.0)
+    handled: list[tuple[str, int]] = []
+
+    async def handler(envelope: Envelope) -> None:
+        handled.append((envelope.job_id or "", len(handled)))
 
     async with _consuming(broker, handler):
         await asyncio.sleep(0.2)  # its first claim found nothing: it waits for 5 s now
         with _counting_claims(sessionmaker) as claims:
             await broker.publish([canceled(1), canceled(2)])
             await _until(lambda: len(handled) == 2, seconds=2)
-            await asyncio.sleep(0.3)
-        assert len(claims) == 1
+            for _ in range(200):  # and acked
+                async with sessionmaker() as session:
+                    if await database.depth(session, QUEUE) == 0:
+                        break
+                await asyncio.sleep(0.01)
+    assert sorted(job for job, _ in handled) == ["job_1", "job_2"]
+    assert claims == []
+    async with sessionmaker() as session:
+        assert await database.depth(session, QUEUE) == 0
+
+
+async def test_a_rolled_back_hand_over_hands_nothing_and_gives_its_slot_back(
+    sessionmaker: Sessionmaker,
+) -> None:
+    broker = DatabaseBroker(sessionmaker, poll_interval=5.0)
+    handled: list[str] = []
+
+    async def handler(envelope: Envelope) -> None:
+        handled.append(envelope.job_id or "")
+
+    stop = asyncio.Event()
+    consuming = asyncio.create_task(broker.consume(QUEUE, handler, stop=stop, prefetch=1))
+    await asyncio.sleep(0.2)
+    with _counting_claims(sessionmaker) as claims:
+        with contextlib.suppress(RuntimeError):
+            async with unit_of_work(sessionmaker) as session:
+                await broker.publish_in(session, [canceled(1)])  # takes the one slot
+                raise RuntimeError("the change it announces fails")
+        # Had the slot stayed taken, this one would wait for a claim (5 s away).
+        await broker.publish([canceled(2)])
+        await _until(lambda: handled == ["job_2"], seconds=2)
+    stop.set()
+    await consuming
+    assert claims == []
+    async with sessionmaker() as session:
+        assert await database.depth(session, QUEUE) == 0
+
+
+async def test_a_hand_over_its_consumer_never_took_is_claimed_once_its_lease_runs_out(
+    sessionmaker: Sessionmaker,
+) -> None:
+    # As if the process died between the commit and the handling: the row is leased to
+    # a consumer that is gone, and another process's consumer takes it after the lease.
+    gone = DatabaseBroker(sessionmaker, lease_seconds=0.5)
+    gone._hands[QUEUE] = database._Hand(8, set())
+    await gone.publish([canceled(1)])
+    assert [lease.deliveries for lease in gone._hands[QUEUE].handed] == [1]
+    other = DatabaseBroker(sessionmaker, poll_interval=0.05, idle_poll_max=0.1)
+    seen: list[tuple[str, float]] = []
+    published = time.monotonic()
+
+    async def handler(envelope: Envelope) -> None:
+        seen.append((envelope.job_id or "", time.monotonic() - published))
+
+    async with _consuming(other, handler):
+        await _until(lambda: len(seen) == 1, seconds=5)
+    [(job, after)] = seen
+    assert job == "job_1"
+    assert after >= 0.4  # not before the lease ran out
+    async with sessionmaker() as session:
+        assert await database.depth(session, QUEUE) == 0
 
 
 async def test_a_backlog_larger_than_the_prefetch_is_claimed_batch_after_batch(

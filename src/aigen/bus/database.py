@@ -5,21 +5,31 @@ Each published event becomes one row per bound consumer queue. A consumer leases
 runs, and deletes the row after the handler's commit (ack). A consumer that dies simply
 lets the lease run out and another takes the row: at-least-once across restarts, with
 the consumers' inbox rows making a second application a no-op.
+
+Hand-over: a consumer in the publisher's own process (`aigen up` runs them all in one)
+gets the messages it has room for without a claim. The publishing transaction writes
+their rows already leased (a token of its own, `deliveries` 1, as a claim leaves them),
+and once it has committed they are handed to the consumer in memory (`_Hand`): a write
+transaction less per message, behind SQLite's one write lock, and no wait for it. A
+process that dies before handling them leaves rows whose lease runs out, and a later
+claim takes them, as for any message in hand.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import secrets
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
 import structlog
 from sqlalchemy import bindparam, delete, event, func, insert, select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, SessionTransaction
 
 from aigen.aio import IDLE_POLL_MAX_SECONDS, IdlePoll, sleep_or_stop, wait_any
 from aigen.clock import utcnow
@@ -41,6 +51,26 @@ class _Lease:
     token: str
     deliveries: int
     body: str
+
+
+class _Hand:
+    """The consumer of a queue in this process that takes hand-overs: its slots, and the
+    leases on their way to it (`reserved`: written in transactions not yet ended)."""
+
+    def __init__(self, prefetch: int, in_flight: set[asyncio.Task[None]]) -> None:
+        self.prefetch = prefetch
+        self.in_flight = in_flight
+        self.reserved = 0
+        self.handed: list[_Lease] = []
+        self.changed = asyncio.Event()  # a lease handed over, or a reservation ended
+        self.open = True
+
+    def room(self) -> int:
+        return self.prefetch - len(self.in_flight) - len(self.handed) - self.reserved
+
+    def take(self) -> list[_Lease]:
+        handed, self.handed = self.handed, []
+        return handed
 
 
 class DatabaseBroker:
@@ -66,6 +96,8 @@ class DatabaseBroker:
         self._retry_max = retry_max
         # Consumers in this process wake at once on a publish; others poll.
         self._wakeups: dict[str, asyncio.Event] = {}
+        # The consumer of each queue in this process that takes hand-overs (one a queue).
+        self._hands: dict[str, _Hand] = {}
         # The acks of the messages handled together are one DELETE in one transaction:
         # with SQLite every transaction queues for the one write lock, and an ack each
         # made a third of the transactions of a job in `aigen up`.
@@ -87,27 +119,59 @@ class DatabaseBroker:
 
     async def publish_in(self, session: AsyncSession, envelopes: Sequence[Envelope]) -> None:
         """Fan out inside the caller's transaction: the one that adds the events
-        (`outbox.write_through`), or the relay's, which marks their rows sent in it."""
+        (`outbox.write_through`), or the relay's, which marks their rows sent in it.
+
+        The rows for a consumer in this process with room to spare are written leased to
+        it, and handed over once the transaction commits (see the module docstring)."""
         now = utcnow()
-        rows = [
-            {
-                "queue": queue,
-                "event_id": envelope.id,
-                "routing_key": envelope.routing_key,
-                "body": envelope.to_json(),
-                "available_at": now,
-                "created_at": now,
-                "deliveries": 0,
-            }
-            for envelope in envelopes
-            for queue in queues_for(envelope.routing_key)
-        ]
-        if rows:
-            await session.execute(insert(QueueMessage), rows)
-            # Woken once the rows are committed: a consumer woken before would find
-            # nothing (PostgreSQL), and then wait for its next poll.
-            waking: list[asyncio.Event] = session.info.setdefault(_WAKE_AFTER_COMMIT, [])
-            waking.extend(self._wakeup(str(queue)) for queue in {row["queue"] for row in rows})
+        token = secrets.token_hex(8)
+        lease_end = now + timedelta(seconds=self._lease)
+        rows: list[dict[str, object]] = []
+        handing: list[tuple[_Hand, dict[str, object]]] = []
+        for envelope in envelopes:
+            body = envelope.to_json()
+            for queue in queues_for(envelope.routing_key):
+                row: dict[str, object] = {
+                    "queue": queue,
+                    "event_id": envelope.id,
+                    "routing_key": envelope.routing_key,
+                    "body": body,
+                    "available_at": now,
+                    "created_at": now,
+                    "deliveries": 0,
+                    "leased_until": None,
+                    "lease_token": None,
+                }
+                hand = self._hands.get(queue)
+                if hand is not None and hand.open and hand.room() > 0:
+                    # Taken before any await: no other publish can give away the slot.
+                    hand.reserved += 1
+                    row |= {"deliveries": 1, "leased_until": lease_end, "lease_token": token}
+                    handing.append((hand, row))
+                rows.append(row)
+        if not rows:
+            return
+        # Until the transaction ends, a reservation is this call's to give back.
+        pending: list[tuple[_Hand, _Lease | None]] = [(hand, None) for hand, _ in handing]
+        try:
+            if handing:
+                written = await session.execute(_INSERT_RETURNING, rows)
+                ids = {(queue, event_id): row_id for row_id, queue, event_id in written.all()}
+                pending = [
+                    (hand, _Lease(ids[(row["queue"], row["event_id"])], token, 1, str(row["body"])))
+                    for hand, row in handing
+                ]
+            else:
+                await session.execute(_INSERT, rows)
+        except BaseException:
+            _release(hand for hand, _ in pending)
+            raise
+        session.info.setdefault(_HAND_AFTER_COMMIT, []).extend(pending)
+        # Woken once the rows are committed: a consumer woken before would find nothing
+        # (PostgreSQL), and then wait for its next poll. Rows handed over need no claim.
+        unhanded = {str(row["queue"]) for row in rows if row["lease_token"] is None}
+        waking: list[asyncio.Event] = session.info.setdefault(_WAKE_AFTER_COMMIT, [])
+        waking.extend(self._wakeup(queue) for queue in unhanded)
 
     def _wakeup(self, queue: str) -> asyncio.Event:
         return self._wakeups.setdefault(queue, asyncio.Event())
@@ -123,35 +187,72 @@ class DatabaseBroker:
     ) -> None:
         in_flight: set[asyncio.Task[None]] = set()
         wakeup = self._wakeup(queue)
-        # A queue found empty is asked less and less often; a publish in this process
-        # still wakes it at once (`wakeup`), and so does a retry when it falls due.
-        idle = IdlePoll(self._poll, self._idle_poll_max)
-        while not stop.is_set():
-            free = prefetch - len(in_flight)
-            if free <= 0 and in_flight:
-                # Full: wait for a slot rather than polling the table.
-                await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-                continue
-            # Cleared before the claim, not after an empty one: a publish during the claim
-            # then ends the wait below at once, instead of being lost until the next poll.
-            wakeup.clear()
-            try:
-                leases = await self._claim(queue, free)
-            except Exception:
-                log.exception("queue.claim_failed", queue=queue)
-                await sleep_or_stop(stop, 1.0)
-                continue
+        # Hand-overs go to the first consumer of the queue in this process; another
+        # one (tests run several) claims only.
+        hand = _Hand(prefetch, in_flight) if queue not in self._hands else None
+        if hand is not None:
+            self._hands[queue] = hand
+
+        def start(leases: Sequence[_Lease]) -> None:
             for lease in leases:
                 task = asyncio.create_task(self._handle(queue, lease, handler, on_dead_letter))
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
-            poll = idle.after(found=bool(leases))
-            if len(leases) == free:
-                continue  # a full claim: more may be waiting
-            # Fewer than asked for: the queue held no more. Claiming again at once found
-            # nothing but cost a write transaction, for each batch of each queue; a
-            # publish in this process, or the next poll, ends the wait instead.
-            await wait_any(poll, stop, wakeup)
+
+        # A queue found empty is asked less and less often; a publish in this process
+        # still wakes it at once (`wakeup`), and so does a retry when it falls due.
+        idle = IdlePoll(self._poll, self._idle_poll_max)
+        claim_at = time.monotonic()  # the next claim's time, when nothing wakes it sooner
+        try:
+            while not stop.is_set():
+                if hand is not None:
+                    hand.changed.clear()
+                    start(hand.take())
+                free = prefetch - len(in_flight) - (hand.reserved if hand is not None else 0)
+                if free <= 0:
+                    # Full, counting the hand-overs on their way: wait for a slot, or for
+                    # a hand-over (or a reservation given back), rather than polling.
+                    await _first(in_flight, hand.changed if hand is not None else None)
+                    continue
+                if wakeup.is_set() or time.monotonic() >= claim_at:
+                    # Cleared before the claim, not after an empty one: a publish during
+                    # the claim then ends the wait below at once, instead of being lost
+                    # until the next poll.
+                    wakeup.clear()
+                    try:
+                        leases = await self._claim(queue, free)
+                    except Exception:
+                        log.exception("queue.claim_failed", queue=queue)
+                        await sleep_or_stop(stop, 1.0)
+                        continue
+                    start(leases)
+                    wait = idle.after(found=bool(leases))
+                    if len(leases) == free:
+                        claim_at = time.monotonic()  # a full claim: more may be waiting
+                        continue
+                    claim_at = time.monotonic() + wait
+                # The queue held no more: claiming again at once would find nothing but
+                # cost a write transaction. A publish in this process (or a hand-over),
+                # or the next poll, ends the wait instead.
+                await wait_any(
+                    max(0.0, claim_at - time.monotonic()),
+                    stop,
+                    wakeup,
+                    *([hand.changed] if hand is not None else []),
+                )
+        finally:
+            if hand is not None:
+                hand.open = False
+                del self._hands[queue]
+        if hand is not None:
+            # What was handed over, or is on its way from a transaction ending now, is in
+            # hand: handled before the consumer returns, as claimed messages are.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(HAND_OVER_GRACE_SECONDS):
+                    while hand.reserved:
+                        hand.changed.clear()
+                        await hand.changed.wait()
+            start(hand.take())
         if in_flight:
             await asyncio.gather(*in_flight, return_exceptions=True)
 
@@ -259,19 +360,49 @@ class DatabaseBroker:
                 log.exception("queue.dead_letter_hook_failed", event_id=envelope.id)
 
 
-# The consumers' wake-ups that a transaction sets when it commits (`publish_in`).
+# The consumers' wake-ups that a transaction sets when it commits (`publish_in`), and
+# the leases it hands over then: (consumer, lease), None for a row not yet written.
 _WAKE_AFTER_COMMIT = "aigen.queue.wake_after_commit"
+_HAND_AFTER_COMMIT = "aigen.queue.hand_after_commit"
+# How long a stopping consumer waits for the hand-overs of transactions still running.
+HAND_OVER_GRACE_SECONDS = 5.0
 
 
 @event.listens_for(Session, "after_commit")
 def _wake_consumers(session: Session) -> None:
+    for hand, lease in session.info.pop(_HAND_AFTER_COMMIT, ()):
+        hand.reserved -= 1
+        if lease is not None:
+            hand.handed.append(lease)
+        hand.changed.set()
     for wakeup in session.info.pop(_WAKE_AFTER_COMMIT, ()):
         wakeup.set()
 
 
-@event.listens_for(Session, "after_rollback")
-def _forget_wake_ups(session: Session) -> None:
-    session.info.pop(_WAKE_AFTER_COMMIT, None)
+@event.listens_for(Session, "after_transaction_end")
+def _forget_wake_ups(session: Session, transaction: SessionTransaction) -> None:
+    # Rolled back, or closed without a commit: nothing was written, nothing is handed.
+    if transaction.parent is None:
+        session.info.pop(_WAKE_AFTER_COMMIT, None)
+        _release(hand for hand, _ in session.info.pop(_HAND_AFTER_COMMIT, ()))
+
+
+def _release(hands: Iterable[_Hand]) -> None:
+    for hand in hands:
+        hand.reserved -= 1
+        hand.changed.set()
+
+
+async def _first(tasks: set[asyncio.Task[None]], changed: asyncio.Event | None) -> None:
+    """Until one of `tasks` ends or `changed` is set."""
+    waiter = asyncio.ensure_future(changed.wait()) if changed is not None else None
+    try:
+        await asyncio.wait(
+            {*tasks, *([waiter] if waiter else [])}, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        if waiter is not None:
+            waiter.cancel()
 
 
 async def _delete_leased(session: AsyncSession, leases: Sequence[_Lease]) -> list[None]:
@@ -310,6 +441,9 @@ _CLAIM = (
     )
     .returning(_QUEUE.c.id, _QUEUE.c.deliveries, _QUEUE.c.body)
 )
+_INSERT = insert(_QUEUE)
+# The ids of rows handed over (RETURNING keeps no order: matched by queue and event).
+_INSERT_RETURNING = insert(_QUEUE).returning(_QUEUE.c.id, _QUEUE.c.queue, _QUEUE.c.event_id)
 _DELETE_LEASED = delete(_QUEUE).where(
     tuple_(_QUEUE.c.id, _QUEUE.c.lease_token).in_(bindparam("leases", expanding=True))
 )
