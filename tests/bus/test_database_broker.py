@@ -229,6 +229,29 @@ async def test_a_rolled_back_hand_over_hands_nothing_and_gives_its_slot_back(
         assert await database.depth(session, QUEUE) == 0
 
 
+async def test_with_messages_waiting_for_a_claim_new_ones_queue_behind_them(
+    sessionmaker: Sessionmaker,
+) -> None:
+    # A consumer whose freed slots always went to the newest message would leave the
+    # oldest waiting for a lull; under load, a hand-over must not overtake the table.
+    broker = DatabaseBroker(sessionmaker)
+    hand = broker._hands[QUEUE] = database._Hand(1, set())
+    await broker.publish([canceled(1)])  # handed over: the one slot is taken
+    await broker.publish([canceled(2)])  # no room: it waits in the table for a claim
+    assert len(hand.take()) == 1  # (as if the consumer had started it and finished)
+    await broker.publish([canceled(3)])  # room again, but it queues behind job_2
+    assert hand.take() == []
+    async with sessionmaker() as session:
+        waiting = (
+            await session.scalars(
+                select(QueueMessage.event_id)
+                .where(QueueMessage.queue == QUEUE, QueueMessage.lease_token.is_(None))
+                .order_by(QueueMessage.id)
+            )
+        ).all()
+    assert len(waiting) == 2
+
+
 async def test_a_hand_over_its_consumer_never_took_is_claimed_once_its_lease_runs_out(
     sessionmaker: Sessionmaker,
 ) -> None:

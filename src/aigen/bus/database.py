@@ -64,6 +64,10 @@ class _Hand:
         self.handed: list[_Lease] = []
         self.changed = asyncio.Event()  # a lease handed over, or a reservation ended
         self.open = True
+        # Rows wait in the table for a claim: until one drains it, new messages queue
+        # behind them rather than overtake them (under load, the consumer's freed slots
+        # would otherwise always go to the newest, and the oldest wait for a lull).
+        self.backlog = False
 
     def room(self) -> int:
         return self.prefetch - len(self.in_flight) - len(self.handed) - self.reserved
@@ -143,11 +147,13 @@ class DatabaseBroker:
                     "lease_token": None,
                 }
                 hand = self._hands.get(queue)
-                if hand is not None and hand.open and hand.room() > 0:
+                if hand is not None and hand.open and not hand.backlog and hand.room() > 0:
                     # Taken before any await: no other publish can give away the slot.
                     hand.reserved += 1
                     row |= {"deliveries": 1, "leased_until": lease_end, "lease_token": token}
                     handing.append((hand, row))
+                elif hand is not None:
+                    hand.backlog = True
                 rows.append(row)
         if not rows:
             return
@@ -227,6 +233,8 @@ class DatabaseBroker:
                         continue
                     start(leases)
                     wait = idle.after(found=bool(leases))
+                    if hand is not None:
+                        hand.backlog = len(leases) == free
                     if len(leases) == free:
                         claim_at = time.monotonic()  # a full claim: more may be waiting
                         continue
