@@ -157,22 +157,22 @@ class DatabaseBroker:
                 rows.append(row)
         if not rows:
             return
-        # Until the transaction ends, a reservation is this call's to give back.
-        pending: list[tuple[_Hand, _Lease | None]] = [(hand, None) for hand, _ in handing]
+        ids: dict[tuple[object, object], int] = {}
         try:
             if handing:
                 written = await session.execute(_INSERT_RETURNING, rows)
                 ids = {(queue, event_id): row_id for row_id, queue, event_id in written.all()}
-                pending = [
-                    (hand, _Lease(ids[(row["queue"], row["event_id"])], token, 1, str(row["body"])))
-                    for hand, row in handing
-                ]
             else:
                 await session.execute(_INSERT, rows)
         except BaseException:
-            _release(hand for hand, _ in pending)
+            # Nothing was written: the reservations are this call's to give back.
+            _release(hand for hand, _ in handing)
             raise
-        session.info.setdefault(_HAND_AFTER_COMMIT, []).extend(pending)
+        # From here the transaction's end hands them over, or gives them back.
+        session.info.setdefault(_HAND_AFTER_COMMIT, []).extend(
+            (hand, _Lease(ids[(row["queue"], row["event_id"])], token, 1, str(row["body"])))
+            for hand, row in handing
+        )
         # Woken once the rows are committed: a consumer woken before would find nothing
         # (PostgreSQL), and then wait for its next poll. Rows handed over need no claim.
         unhanded = {str(row["queue"]) for row in rows if row["lease_token"] is None}
@@ -369,7 +369,7 @@ class DatabaseBroker:
 
 
 # The consumers' wake-ups that a transaction sets when it commits (`publish_in`), and
-# the leases it hands over then: (consumer, lease), None for a row not yet written.
+# the leases it hands over then: (consumer, lease).
 _WAKE_AFTER_COMMIT = "aigen.queue.wake_after_commit"
 _HAND_AFTER_COMMIT = "aigen.queue.hand_after_commit"
 # How long a stopping consumer waits for the hand-overs of transactions still running.
@@ -380,8 +380,7 @@ HAND_OVER_GRACE_SECONDS = 5.0
 def _wake_consumers(session: Session) -> None:
     for hand, lease in session.info.pop(_HAND_AFTER_COMMIT, ()):
         hand.reserved -= 1
-        if lease is not None:
-            hand.handed.append(lease)
+        hand.handed.append(lease)
         hand.changed.set()
     for wakeup in session.info.pop(_WAKE_AFTER_COMMIT, ()):
         wakeup.set()
