@@ -165,10 +165,7 @@ async def test_a_claim_that_was_not_full_is_not_followed_by_another_at_once(
     # asked for, the queue was empty, and the consumer waits for a wake-up or its poll.
     broker = DatabaseBroker(sessionmaker, poll_interval=5.0)
     await broker.publish([canceled(1), canceled(2)])  # before it consumes: no hand-over
-    handled: list[str] = []
-
-    async def handler(envelope: Envelope) -> None:
-        handled.append(envelope.job_id or "")
+    handled, handler = _recorder()
 
     with _counting_claims(sessionmaker) as claims:
         async with _consuming(broker, handler):
@@ -181,10 +178,7 @@ async def test_a_message_published_in_its_consumers_process_is_handed_over_witho
     sessionmaker: Sessionmaker,
 ) -> None:
     broker = DatabaseBroker(sessionmaker, poll_interval=5.0)
-    handled: list[str] = []
-
-    async def handler(envelope: Envelope) -> None:
-        handled.append(envelope.job_id or "")
+    handled, handler = _recorder()
 
     async with _consuming(broker, handler):
         await asyncio.sleep(0.2)  # its first claim found nothing: it waits for 5 s now
@@ -206,10 +200,7 @@ async def test_a_rolled_back_hand_over_hands_nothing_and_gives_its_slot_back(
     sessionmaker: Sessionmaker,
 ) -> None:
     broker = DatabaseBroker(sessionmaker, poll_interval=5.0)
-    handled: list[str] = []
-
-    async def handler(envelope: Envelope) -> None:
-        handled.append(envelope.job_id or "")
+    handled, handler = _recorder()
 
     stop = asyncio.Event()
     consuming = asyncio.create_task(broker.consume(QUEUE, handler, stop=stop, prefetch=1))
@@ -292,6 +283,16 @@ async def test_a_backlog_larger_than_the_prefetch_is_claimed_batch_after_batch(
     async with _consuming(broker, handler):
         await _until(lambda: len(handled) == 20, seconds=3)
     assert sorted(handled) == sorted(f"job_{n}" for n in range(20))
+
+
+def _recorder() -> tuple[list[str], Handler]:
+    """A handler that records the job ids of the events it is given, and its record."""
+    handled: list[str] = []
+
+    async def handler(envelope: Envelope) -> None:
+        handled.append(envelope.job_id or "")
+
+    return handled, handler
 
 
 @asynccontextmanager
