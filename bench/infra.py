@@ -58,6 +58,16 @@ latency_ms = 200
 HUGE = 10**9  # rpm, concurrency: the limits are checked but never bind
 
 
+def cpu_seconds(pid: int | str) -> float:
+    """User + system CPU time of a process so far (/proc/<pid>/stat), threads included;
+    0 once it has ended."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Proc:
     """One OS process this run started."""
@@ -86,12 +96,7 @@ class Proc:
         return None
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time so far (/proc/<pid>/stat), threads included."""
-        try:
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.pid)
 
     def tail(self, chars: int = 2000) -> str:
         try:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from .infra import Proc
+from .infra import Proc, cpu_seconds
 
 # Command names (`/proc/<pid>/comm`) of each service's processes, as Debian runs them.
 SERVICES = {
@@ -27,14 +27,6 @@ SERVICES = {
 _TICK = os.sysconf("SC_CLK_TCK")
 # The columns `CpuMeter` adds to the aigen processes', in the order the table shows them.
 COLUMNS = (*SERVICES, "bench", "other", "machine")
-
-
-def _process_seconds(pid: str) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _TICK
 
 
 def services() -> dict[str, float]:
@@ -49,7 +41,7 @@ def services() -> dict[str, float]:
             continue
         for service, commands in SERVICES.items():
             if command in commands:
-                totals[service] += _process_seconds(entry.name)
+                totals[service] += cpu_seconds(entry.name)
     return totals
 
 

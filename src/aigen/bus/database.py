@@ -63,7 +63,6 @@ class _Hand:
         self.reserved = 0
         self.handed: list[_Lease] = []
         self.changed = asyncio.Event()  # a lease handed over, or a reservation ended
-        self.open = True
         # Rows wait in the table for a claim: until one drains it, new messages queue
         # behind them rather than overtake them (under load, the consumer's freed slots
         # would otherwise always go to the newest, and the oldest wait for a lull).
@@ -147,7 +146,8 @@ class DatabaseBroker:
                     "lease_token": None,
                 }
                 hand = self._hands.get(queue)
-                if hand is not None and hand.open and not hand.backlog and hand.room() > 0:
+                # (A stopped consumer is no longer in `_hands`: nothing is handed to it.)
+                if hand is not None and not hand.backlog and hand.room() > 0:
                     # Taken before any await: no other publish can give away the slot.
                     hand.reserved += 1
                     row |= {"deliveries": 1, "leased_until": lease_end, "lease_token": token}
@@ -214,10 +214,11 @@ class DatabaseBroker:
                 if hand is not None:
                     hand.changed.clear()
                     start(hand.take())
-                free = prefetch - len(in_flight) - (hand.reserved if hand is not None else 0)
+                # Counting the hand-overs on their way as taken.
+                free = hand.room() if hand is not None else prefetch - len(in_flight)
                 if free <= 0:
-                    # Full, counting the hand-overs on their way: wait for a slot, or for
-                    # a hand-over (or a reservation given back), rather than polling.
+                    # Full: wait for a slot, or for a hand-over (or a reservation given
+                    # back), rather than polling.
                     await _first(in_flight, hand.changed if hand is not None else None)
                     continue
                 if wakeup.is_set() or time.monotonic() >= claim_at:
@@ -250,7 +251,6 @@ class DatabaseBroker:
                 )
         finally:
             if hand is not None:
-                hand.open = False
                 del self._hands[queue]
         if hand is not None:
             # What was handed over, or is on its way from a transaction ending now, is in
