@@ -51,7 +51,7 @@ from .load import (
     window_rate,
 )
 from .profile import record
-from .stages import LEGS, legs
+from .stages import LEGS, first_claim, legs
 from .wire import Client, Receiver
 from .wrk import WrkResult, run_wrk
 
@@ -72,7 +72,6 @@ class Plan:
     # With no load, after a settling second: how much CPU the parts spend idle.
     idle_seconds: float = 10.0
     scale_concurrency: tuple[int, ...] = (1, 4, 16, 64)
-    scale_seconds: float = 4.0
     worker_concurrency: int = 64
 
 
@@ -87,7 +86,6 @@ QUICK = Plan(
     drain_seconds=20.0,
     idle_seconds=5.0,
     scale_concurrency=(1, 16),
-    scale_seconds=3.0,
 )
 SECTIONS = ("accept", "pipeline", "scale")
 
@@ -457,7 +455,15 @@ def _print_e2e(label: str, r: EndToEnd) -> None:
 
 # Worker scale ------------------------------------------------------------------------------
 
-SCALE_WAVES = 8
+# Rounds of every slot in each backlog, the same for 1 and 2 workers. The slots of a worker
+# start their 200 ms jobs together and end them together, so the rate between the 10th
+# and the 90th percentile result measures a round's edges unless it spans many rounds
+# (over 2 rounds two workers at 64 came out at 2.78 times one, above the ideal 2). And two
+# worker processes start 0.4-1 s apart: one drains alone meanwhile, which the 10th
+# percentile must be past. 32 rounds put it there for a start-up gap of up to 6 rounds
+# (about 1.3 s at 16 slots); 8 rounds, as until the fourteenth session, did not, and gave
+# 1 worker at 16 slots 15 rounds (240 jobs) against 2 workers' 8.
+SCALE_WAVES = 32
 
 
 async def workers_scale(
@@ -478,15 +484,7 @@ async def workers_scale(
     try:
         for concurrency in plan.scale_concurrency:
             for workers in (1, 2):
-                ideal = workers * concurrency / 0.2
-                # At least SCALE_WAVES rounds of every slot: the slots start and end
-                # their 200 ms jobs together, so over fewer rounds the rate between the
-                # 10th and the 90th percentile result measures a round's edges (two
-                # workers at 64 came out at 2.78 times one, above the ideal 2).
-                count = max(
-                    int(min(240, max(40, ideal * plan.scale_seconds))),
-                    SCALE_WAVES * workers * concurrency,
-                )
+                count = max(40, SCALE_WAVES * workers * concurrency)
                 who = await customer(stack.database_url, res.secret)
                 sent = await burst(
                     client,
@@ -507,6 +505,7 @@ async def workers_scale(
                 finally:
                     await asyncio.gather(*(p.stop() for p in procs))
                 times = await _completed_at(sessionmaker, who.account_id)
+                starts = [t for p in procs if (t := first_claim(p.log)) is not None]
                 for part in DOWNSTREAM:
                     stack.procs[part] = await res.start_aigen(part, stack.env, stack.workdir)
                 if not await receiver.wait_for(list(sent.at), plan.drain_seconds + 30):
@@ -515,7 +514,8 @@ async def workers_scale(
                 report.scale[(concurrency, workers)] = rate
                 print(
                     f"scale concurrency {concurrency:3d} workers {workers}: {rate:6.1f} jobs/s "
-                    f"({len(times)} of {count} jobs)",
+                    f"({len(times)} of {count} jobs; first claims "
+                    f"{max(starts, default=0) - min(starts, default=0):.2f} s apart)",
                     flush=True,
                 )
     finally:

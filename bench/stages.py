@@ -58,3 +58,13 @@ def legs(folder: Path, sent: Sent, arrived: dict[str, float]) -> dict[str, tuple
         for leg, start, end in zip(LEGS, points, points[1:], strict=False):
             spans[leg].append((end - start) * 1000)
     return {leg: (percentile(v, 50), percentile(v, 99)) for leg, v in spans.items() if v}
+
+
+def first_claim(log: Path) -> float | None:
+    """When the process whose log this is claimed its first job (wall clock), if it did."""
+    for line in log.read_text(errors="replace").splitlines():
+        if '"workflow.claimed"' in line:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                stamp = json.loads(line)["timestamp"]
+                return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    return None
