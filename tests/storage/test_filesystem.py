@@ -54,6 +54,35 @@ class TestPut:
         assert await store.get(KEY) == b"old"
         assert os.listdir(store.root / "assets/acc_1/job_1") == ["0.png"]
 
+    async def test_large_asset(self, store: FilesystemStore) -> None:
+        data = os.urandom(5 * 1024 * 1024 + 3)
+
+        await store.put(KEY, data, content_type="image/png")
+
+        assert await store.get(KEY) == data
+
+    @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc (Linux)")
+    async def test_leaves_no_file_open(
+        self, store: FilesystemStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # A worker writes an asset per job for as long as it runs.
+        await store.put(KEY, b"warm", content_type="text/plain")
+        before = len(os.listdir("/proc/self/fd"))
+
+        for n in range(20):
+            await store.put(f"assets/acc_1/job_{n}/0.txt", b"x", content_type="text/plain")
+
+        def broken_fsync(fd: int) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(os, "fsync", broken_fsync)
+        for _ in range(5):
+            with pytest.raises(StorageError):
+                await store.put(KEY, b"new", content_type="text/plain")
+
+        assert len(os.listdir("/proc/self/fd")) == before
+        assert await store.get(KEY) == b"warm"
+
     @pytest.mark.parametrize("key", BAD_KEYS)
     async def test_refuses_escaping_keys(self, store: FilesystemStore, key: str) -> None:
         with pytest.raises(InvalidKeyError):
