@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 
+import pytest
 from sqlalchemy import event, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from aigen.bus import database
 from aigen.bus.broker import Handler, Retry
@@ -29,14 +31,6 @@ async def test_messages_handled_together_are_acked_in_one_statement(
 ) -> None:
     broker = DatabaseBroker(sessionmaker)
     await broker.publish([canceled(n) for n in range(8)])
-    deletes: list[str] = []
-    engine = sessionmaker.kw["bind"].sync_engine
-
-    def count(_conn: object, _cursor: object, statement: str, *_: object) -> None:
-        if statement.lstrip().upper().startswith("DELETE"):
-            deletes.append(statement)
-
-    event.listen(engine, "before_cursor_execute", count)
     gate = asyncio.Event()
     handled: list[str] = []
     stop = asyncio.Event()
@@ -45,26 +39,71 @@ async def test_messages_handled_together_are_acked_in_one_statement(
         handled.append(envelope.job_id)
         await gate.wait()  # they all end together
 
-    consuming = asyncio.create_task(broker.consume(QUEUE, handler, stop=stop, prefetch=8))
-    for _ in range(200):
-        if len(handled) == 8:
-            break
-        await asyncio.sleep(0.01)
-    gate.set()
-    for _ in range(200):
-        async with sessionmaker() as session:
-            if await database.depth(session, QUEUE) == 0:
-                break
-        await asyncio.sleep(0.01)
-    stop.set()
-    await consuming
-    event.remove(engine, "before_cursor_execute", count)
+    with _counting(sessionmaker, _is_delete) as deletes:
+        consuming = asyncio.create_task(broker.consume(QUEUE, handler, stop=stop, prefetch=8))
+        await _until(lambda: len(handled) == 8, seconds=2)
+        gate.set()
+        await _until_empty(sessionmaker, seconds=2)
+        stop.set()
+        await consuming
 
     assert sorted(handled) == sorted(f"job_{n}" for n in range(8))
     async with sessionmaker() as session:
         assert await database.depth(session, QUEUE) == 0
-    # The first ack alone at most, then the others that queued meanwhile together.
-    assert 1 <= len(deletes) <= 2
+    assert len(deletes) == 1
+
+
+async def test_the_acks_of_messages_handled_within_the_gap_share_one_statement(
+    sessionmaker: Sessionmaker,
+) -> None:
+    broker = DatabaseBroker(sessionmaker, ack_gap=2.0)
+    handled, handler = _recorder()
+    with _counting(sessionmaker, _is_delete) as deletes:
+        async with _consuming(broker, handler):
+            for n in range(4):  # one after another, a little apart
+                await broker.publish([canceled(n)])
+                await asyncio.sleep(0.05)
+            await _until(lambda: len(handled) == 4, seconds=2)
+            assert deletes == []
+            # Meanwhile their rows stay leased: no claim hands them out again.
+            assert await DatabaseBroker(sessionmaker)._claim(QUEUE, 10) == []
+            await _until_empty(sessionmaker, seconds=5)
+    assert len(deletes) == 1
+    assert handled == [f"job_{n}" for n in range(4)]
+
+
+async def test_a_stopping_consumer_deletes_what_it_handled_before_it_returns(
+    sessionmaker: Sessionmaker,
+) -> None:
+    broker = DatabaseBroker(sessionmaker, ack_gap=60.0)
+    handled, handler = _recorder()
+    async with _consuming(broker, handler):
+        await broker.publish([canceled(1), canceled(2)])
+        await _until(lambda: len(handled) == 2, seconds=2)
+    # The consumer has returned, a minute before the gap would have ended.
+    async with sessionmaker() as session:
+        assert await database.depth(session, QUEUE) == 0
+
+
+async def test_acks_that_fail_are_tried_again(
+    sessionmaker: Sessionmaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broker = DatabaseBroker(sessionmaker, ack_gap=0.05)
+    failures = [ConnectionError("the database is away")]
+    delete = database._delete_leased
+
+    async def flaky(session: AsyncSession, leases: Sequence[database._Lease]) -> None:
+        if failures:
+            raise failures.pop()
+        await delete(session, leases)
+
+    monkeypatch.setattr(database, "_delete_leased", flaky)
+    handled, handler = _recorder()
+    async with _consuming(broker, handler):
+        await broker.publish([canceled(1)])
+        await _until_empty(sessionmaker, seconds=5)  # not left to the stop
+    assert failures == []
+    assert handled == ["job_1"]
 
 
 async def test_an_ack_under_a_lease_taken_since_deletes_nothing(
@@ -94,7 +133,7 @@ async def test_an_ack_under_a_lease_taken_since_deletes_nothing(
             .values(lease_token="token-new")
         )
     async with unit_of_work(sessionmaker) as session:
-        assert await database._delete_leased(session, leases) == [None, None]
+        await database._delete_leased(session, leases)
     async with sessionmaker() as session:
         left = (
             await session.scalars(select(QueueMessage.id).where(QueueMessage.queue == QUEUE))
@@ -308,20 +347,42 @@ async def _consuming(broker: DatabaseBroker, handler: Handler) -> AsyncIterator[
 
 
 @contextmanager
-def _counting_claims(sessionmaker: Sessionmaker) -> Iterator[list[str]]:
-    """The claims (`UPDATE … WHERE id IN (SELECT …)`) made meanwhile."""
-    claims: list[str] = []
+def _counting(sessionmaker: Sessionmaker, match: Callable[[str], bool]) -> Iterator[list[str]]:
+    """The statements that `match` made meanwhile."""
+    made: list[str] = []
     engine = sessionmaker.kw["bind"].sync_engine
 
     def count(_conn: object, _cursor: object, statement: str, *_: object) -> None:
-        if statement.startswith("UPDATE queue_messages") and "IN (SELECT" in statement:
-            claims.append(statement)
+        if match(statement):
+            made.append(statement)
 
     event.listen(engine, "before_cursor_execute", count)
     try:
-        yield claims
+        yield made
     finally:
         event.remove(engine, "before_cursor_execute", count)
+
+
+def _counting_claims(sessionmaker: Sessionmaker) -> contextlib.AbstractContextManager[list[str]]:
+    """The claims (`UPDATE … WHERE id IN (SELECT …)`) made meanwhile."""
+    return _counting(
+        sessionmaker, lambda s: s.startswith("UPDATE queue_messages") and "IN (SELECT" in s
+    )
+
+
+def _is_delete(statement: str) -> bool:
+    return statement.lstrip().upper().startswith("DELETE")
+
+
+async def _until_empty(sessionmaker: Sessionmaker, *, seconds: float) -> None:
+    """Until the queue holds no row, handled or not."""
+    deadline = time.monotonic() + seconds
+    while True:
+        async with sessionmaker() as session:
+            if await database.depth(session, QUEUE) == 0:
+                return
+        assert time.monotonic() < deadline, "not within the time allowed"
+        await asyncio.sleep(0.01)
 
 
 async def _until(condition: Callable[[], bool], *, seconds: float) -> None:
