@@ -753,7 +753,7 @@ async def main_async(options: argparse.Namespace) -> Report:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="shorter runs (under 3 minutes)")
+    parser.add_argument("--quick", action="store_true", help="shorter runs (under 4 minutes)")
     parser.add_argument("--only", action="append", choices=SECTIONS, help="run only these")
     parser.add_argument("--log-level", default="info", help="AIGEN_LOG_LEVEL of every process")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")

@@ -48,8 +48,6 @@ async def test_messages_handled_together_are_acked_in_one_statement(
         await consuming
 
     assert sorted(handled) == sorted(f"job_{n}" for n in range(8))
-    async with sessionmaker() as session:
-        assert await database.depth(session, QUEUE) == 0
     assert len(deletes) == 1
 
 

@@ -89,8 +89,8 @@ class FilesystemStore:
             # (or, for a large asset, copy it) go to a thread, with no Python between
             # them: a thread retakes the GIL after every call, and while the loop is
             # busy each retake waits for it. With the whole write in the thread (about
-            # twenty calls), a worker at 64 slots spent a third more CPU per job, and
-            # its writes took 13-22 ms (p50) instead of 7-8 (BENCHMARKS.md, the
+            # twenty calls), a worker at 64 slots spent about a third more CPU per job,
+            # and its writes took half as long again or more (BENCHMARKS.md, the
             # fourteenth session).
             staged = _stage(self.path_for(key))
             await asyncio.to_thread(_commit, staged, data)
