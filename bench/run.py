@@ -459,10 +459,10 @@ def _print_e2e(label: str, r: EndToEnd) -> None:
 # start their 200 ms jobs together and end them together, so the rate between the 10th
 # and the 90th percentile result measures a round's edges unless it spans many rounds
 # (over 2 rounds two workers at 64 came out at 2.78 times one, above the ideal 2). And two
-# worker processes start 0.4-1 s apart: one drains alone meanwhile, which the 10th
-# percentile must be past. 32 rounds put it there for a start-up gap of up to 6 rounds
-# (about 1.3 s at 16 slots); 8 rounds, as until the fourteenth session, did not, and gave
-# 1 worker at 16 slots 15 rounds (240 jobs) against 2 workers' 8.
+# worker processes make their first claims up to a second apart: one drains alone
+# meanwhile, which the 10th percentile must be past. 32 rounds put it there for a gap of
+# up to 6 rounds (about 1.3 s at 16 slots); 8 rounds, as until the fourteenth session,
+# did not, and gave 1 worker at 16 slots 15 rounds (240 jobs) against 2 workers' 8.
 SCALE_WAVES = 32
 
 

@@ -428,12 +428,15 @@ class _Acks:
         self._gap = gap
         self._pending: list[_Lease] = []
         self._timer: asyncio.Task[None] | None = None
-        self._lock = asyncio.Lock()  # `flush` returns once what was pending is deleted
+        # `flush` returns once what was pending is deleted. (One of each per event loop,
+        # as the group commit's drain: a broker may outlive a loop, in tests.)
+        self._lock: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
 
     def add(self, lease: _Lease) -> None:
         self._pending.append(lease)
-        if self._timer is None or self._timer.done():
-            self._timer = asyncio.create_task(self._run())
+        timer, loop = self._timer, asyncio.get_running_loop()
+        if timer is None or timer.done() or timer.get_loop() is not loop:
+            self._timer = loop.create_task(self._run())
 
     async def _run(self) -> None:
         while self._pending:
@@ -452,7 +455,10 @@ class _Acks:
 
     async def flush(self) -> bool:
         """Delete what is pending now; False if that failed (kept for the next try)."""
-        async with self._lock:
+        loop = asyncio.get_running_loop()
+        if self._lock is None or self._lock[0] is not loop:
+            self._lock = (loop, asyncio.Lock())
+        async with self._lock[1]:
             leases, self._pending = self._pending, []
             if not leases:
                 return True
