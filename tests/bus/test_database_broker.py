@@ -222,11 +222,7 @@ async def test_a_message_published_in_its_consumers_process_is_handed_over_witho
         with _counting_claims(sessionmaker) as claims:
             await broker.publish([canceled(1), canceled(2)])
             await _until(lambda: len(handled) == 2, seconds=2)
-            for _ in range(200):  # and acked
-                async with sessionmaker() as session:
-                    if await database.depth(session, QUEUE) == 0:
-                        break
-                await asyncio.sleep(0.01)
+            await _until_empty(sessionmaker, seconds=2)  # and acked
     assert sorted(handled) == ["job_1", "job_2"]
     assert claims == []
     async with sessionmaker() as session:

@@ -428,9 +428,10 @@ class _Acks:
         self._gap = gap
         self._pending: list[_Lease] = []
         self._timer: asyncio.Task[None] | None = None
-        # `flush` returns once what was pending is deleted. (One of each per event loop,
-        # as the group commit's drain: a broker may outlive a loop, in tests.)
-        self._lock: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+        # `flush` returns once what was pending is deleted. (Like the broker's events, it
+        # takes its loop at its first wait; the timer is started anew in another loop, as
+        # the group commit's drain is.)
+        self._lock = asyncio.Lock()
 
     def add(self, lease: _Lease) -> None:
         self._pending.append(lease)
@@ -455,10 +456,7 @@ class _Acks:
 
     async def flush(self) -> bool:
         """Delete what is pending now; False if that failed (kept for the next try)."""
-        loop = asyncio.get_running_loop()
-        if self._lock is None or self._lock[0] is not loop:
-            self._lock = (loop, asyncio.Lock())
-        async with self._lock[1]:
+        async with self._lock:
             leases, self._pending = self._pending, []
             if not leases:
                 return True
