@@ -83,6 +83,39 @@ class TestPut:
         assert len(os.listdir("/proc/self/fd")) == before
         assert await store.get(KEY) == b"warm"
 
+    @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc (Linux)")
+    async def test_new_folders_reach_the_disk(
+        self, store: FilesystemStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # A crash after the job is marked completed must not lose the folder that the
+        # asset's name lives in: each folder made for it is synced in its parent.
+        synced: list[str] = []
+        fsync = os.fsync
+
+        def recording_fsync(fd: int) -> None:
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+            fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", recording_fsync)
+        await store.put(KEY, b"first", content_type="text/plain")
+        first, synced[:] = list(synced), []
+        await store.put("assets/acc_1/job_2/0.png", b"second", content_type="text/plain")
+        second, synced[:] = list(synced), []
+        await store.put("assets/acc_1/job_2/1.png", b"third", content_type="text/plain")
+
+        root = str(store.root)
+        # The asset (still under its temporary name), its folder (the rename), then the
+        # parents of job_1, acc_1 and assets, all three made by the first write.
+        assert os.path.dirname(first[0]) == f"{root}/assets/acc_1/job_1"
+        assert set(first[1:]) == {
+            f"{root}/assets/acc_1/job_1",
+            f"{root}/assets/acc_1",
+            f"{root}/assets",
+            root,
+        }
+        assert set(second[1:]) == {f"{root}/assets/acc_1/job_2", f"{root}/assets/acc_1"}
+        assert synced[1:] == [f"{root}/assets/acc_1/job_2"]
+
     @pytest.mark.parametrize("key", BAD_KEYS)
     async def test_refuses_escaping_keys(self, store: FilesystemStore, key: str) -> None:
         with pytest.raises(InvalidKeyError):

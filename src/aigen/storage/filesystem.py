@@ -131,29 +131,52 @@ class FilesystemStore:
 
 @dataclass(frozen=True, slots=True)
 class _Staged:
-    """A write under way: the temporary file beside its target, open, and the target's
-    folder, open where the platform allows; `_commit` closes both."""
+    """A write under way: the temporary file beside its target, open, and the folders
+    whose entries must reach the disk with it, open where the platform allows: the
+    target's own (the rename), then the parent of each folder made for it (the new
+    folder's name). `_commit` closes them all."""
 
     path: Path
     temporary: str
     fd: int
-    folder_fd: int | None
+    folder_fds: tuple[int, ...]
 
 
 def _stage(path: Path) -> _Staged:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    missing = _make_folders(path.parent)
     # The temporary file sits in the target's folder so `os.replace` is a rename on one
     # file system: readers see the old bytes or the new, never a half-written file.
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        folder_fd: int | None = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        folder_fd = None  # Not every platform lets a folder be opened.
-    return _Staged(path, temporary, fd, folder_fd)
+    folder_fds: list[int] = []
+    for folder in (path.parent, *(new.parent for new in missing)):
+        with contextlib.suppress(OSError):  # Not every platform lets a folder be opened.
+            folder_fds.append(os.open(folder, os.O_RDONLY))
+    return _Staged(path, temporary, fd, tuple(folder_fds))
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """Make `folder` and any missing parents; returns the folders that were missing.
+
+    A job's assets go in a folder of their own, made by its first write: the asset's
+    fsync makes its bytes durable, but the new folder's name is an entry in its parent,
+    which a crash can lose on a file system that does not order its metadata (ext4's
+    journal happens to commit it with the file; not every file system does).
+    """
+    missing: list[Path] = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        # Made first by a write beside this one: its name is synced here all the same,
+        # as this write's job must not complete before it is durable.
+        with contextlib.suppress(FileExistsError):
+            new.mkdir()
+    return missing
 
 
 def _commit(staged: _Staged, data: bytes) -> None:
-    """Write, flush to disk, rename into place, and make the rename durable."""
+    """Write, flush to disk, rename into place, and make the rename and any new folders
+    durable."""
     try:
         try:
             view = memoryview(data)
@@ -165,16 +188,16 @@ def _commit(staged: _Staged, data: bytes) -> None:
         finally:
             os.close(staged.fd)
         os.replace(staged.temporary, staged.path)
-        if staged.folder_fd is not None:
+        for folder_fd in staged.folder_fds:
             with contextlib.suppress(OSError):  # Not every file system syncs a folder.
-                os.fsync(staged.folder_fd)
+                os.fsync(folder_fd)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(staged.temporary)
         raise
     finally:
-        if staged.folder_fd is not None:
-            os.close(staged.folder_fd)
+        for folder_fd in staged.folder_fds:
+            os.close(folder_fd)
 
 
 def _probe_writable(root: Path) -> None:
