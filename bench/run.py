@@ -50,7 +50,7 @@ from .load import (
     steady_rate,
     window_rate,
 )
-from .profile import record
+from .profile import libraries, record
 from .stages import LEGS, first_claim, legs
 from .wire import Client, Receiver
 from .wrk import WrkResult, run_wrk
@@ -108,6 +108,8 @@ class Report:
     legs: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
     scale: dict[tuple[int, int], float] = field(default_factory=dict)
     memory: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # With --profile: each profiled process's py-spy samples by library (`profile.owner`).
+    libraries: dict[str, dict[str, float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
@@ -689,6 +691,12 @@ def render(report: Report) -> str:
         ]
         out.append("\nResident size (VmRSS, MiB): idle after start-up, peak under load")
         out.append(table(["process", "idle", "peak"], rows))
+    if report.libraries:
+        out.append(
+            "\nPython CPU by library, % of each process's py-spy samples (the deepest frame"
+            " outside the standard library; python: the event loop and the rest of it)"
+        )
+        out.append(_libraries(report.libraries))
     if report.notes:
         out.append("")
         out.extend(f"- {note}" for note in report.notes)
@@ -706,6 +714,26 @@ def _by_process(
         [row, *(f"{per[n]:.1f}" if n in per else "" for n in names)] for row, per in per_row.items()
     ]
     return table([label, *names], rows)
+
+
+def _libraries(per_process: dict[str, dict[str, float]], rows: int = 12) -> str:
+    """A row per library (the largest in any process first), a column per process; the
+    libraries past `rows` summed into "the rest"."""
+    largest: dict[str, float] = {}
+    for shares in per_process.values():
+        for name, share in shares.items():
+            largest[name] = max(largest.get(name, 0.0), share)
+    shown = sorted(largest, key=lambda name: -largest[name])[:rows]
+    names = list(per_process)
+    body = [
+        [library, *(f"{100 * per_process[n].get(library, 0.0):.0f}" for n in names)]
+        for library in shown
+    ]
+    rest = [
+        f"{100 * (1 - sum(per_process[n].get(library, 0.0) for library in shown)):.0f}"
+        for n in names
+    ]
+    return table(["library", *names], [*body, ["the rest", *rest]])
 
 
 # Entry point -------------------------------------------------------------------------------
@@ -748,6 +776,8 @@ async def main_async(options: argparse.Namespace) -> Report:
                 )
     finally:
         await res.aclose()
+    for path in sorted(res.root.glob("profile-*.txt")) if options.profile else []:
+        report.libraries[path.stem.removeprefix("profile-")] = libraries(path)
     return report
 
 
