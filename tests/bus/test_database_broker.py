@@ -83,6 +83,21 @@ async def test_a_stopping_consumer_deletes_what_it_handled_before_it_returns(
         assert await database.depth(session, QUEUE) == 0
 
 
+async def test_an_ack_right_after_another_consumer_stopped_is_still_made(
+    sessionmaker: Sessionmaker,
+) -> None:
+    # The consumers of one process share the acks: one stopping (which stops the timer)
+    # must not strand the ack another makes at that very moment.
+    broker = DatabaseBroker(sessionmaker, ack_gap=0.5)
+    await broker.publish([canceled(1), canceled(2)])
+    first, second = await broker._claim(QUEUE, 2)
+    broker._acks.add(first)
+    await asyncio.sleep(0)  # the timer waits out the gap
+    await broker._acks.drain()
+    broker._acks.add(second)
+    await _until_empty(sessionmaker, seconds=3)
+
+
 async def test_acks_that_fail_are_tried_again(
     sessionmaker: Sessionmaker, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -436,7 +436,8 @@ class _Acks:
     def add(self, lease: _Lease) -> None:
         self._pending.append(lease)
         timer, loop = self._timer, asyncio.get_running_loop()
-        if timer is None or timer.done() or timer.get_loop() is not loop:
+        # A timer that `drain` has just cancelled is not done yet, but will not flush.
+        if timer is None or timer.done() or timer.cancelling() or timer.get_loop() is not loop:
             self._timer = loop.create_task(self._run())
 
     async def _run(self) -> None:
