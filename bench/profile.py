@@ -79,25 +79,31 @@ def libraries(path: Path) -> dict[str, float]:
     owners: Counter[str] = Counter()
     for frames, count in _samples(path):
         owners[owner(frames)] += count
-    total = sum(owners.values())
-    return {name: count / total for name, count in owners.most_common()} if total else {}
+    return _shares(owners)
+
+
+def _shares(counter: Counter[str]) -> dict[str, float]:
+    total = sum(counter.values())
+    return {name: count / total for name, count in counter.most_common()} if total else {}
 
 
 def summarize(path: Path, *, top: int = 25, match: str = "") -> str:
     """Where the samples go by library (`owner`), then the heaviest frames: share of
     samples that include them, and that end in them."""
+    owners: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     exclusive: Counter[str] = Counter()
     total = 0
     for frames, count in _samples(path):
         total += count
+        owners[owner(frames)] += count
         for frame in set(frames):
             inclusive[frame] += count
         exclusive[frames[-1]] += count
     if not total:
         return "no samples"
     lines = [f"{total} samples", "-- by library"]
-    lines += [f"{share:6.1%}  {name}" for name, share in list(libraries(path).items())[:top]]
+    lines += [f"{share:6.1%}  {name}" for name, share in list(_shares(owners).items())[:top]]
     for title, counter in (("inclusive", inclusive), ("exclusive", exclusive)):
         lines.append(f"-- {title}")
         shown = 0

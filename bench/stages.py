@@ -37,8 +37,7 @@ def _log_times(folder: Path, jobs: set[str]) -> dict[str, dict[str, float]]:
                 data = json.loads(line)
                 job, step = data["job_id"], data["event"]
                 if job in jobs and step in STEPS:
-                    at = datetime.fromisoformat(data["timestamp"].replace("Z", "+00:00"))
-                    seen.setdefault(job, {}).setdefault(step, at.timestamp())
+                    seen.setdefault(job, {}).setdefault(step, _wall(data["timestamp"]))
     return seen
 
 
@@ -65,6 +64,10 @@ def first_claim(log: Path) -> float | None:
     for line in log.read_text(errors="replace").splitlines():
         if '"workflow.claimed"' in line:
             with contextlib.suppress(ValueError, KeyError, TypeError):
-                stamp = json.loads(line)["timestamp"]
-                return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+                return _wall(json.loads(line)["timestamp"])
     return None
+
+
+def _wall(stamp: str) -> float:
+    """A JSON log line's ISO timestamp (UTC, `Z`) as seconds since the epoch."""
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
