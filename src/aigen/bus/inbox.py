@@ -9,6 +9,7 @@ from sqlalchemy import ColumnElement, Select, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aigen.clock import utcnow
+from aigen.db import driver
 from aigen.db.base import insert_or_skip, table
 from aigen.db.session import is_postgres
 from aigen.models import InboxMessage
@@ -60,7 +61,7 @@ async def first_time_many(
         return set()
     now = utcnow()
     rows = [{"consumer": consumer, "event_id": e, "processed_at": now} for e in event_ids]
-    return set((await session.scalars(_RECORD[is_postgres(session)], rows)).all())
+    return set((await driver.execute(session, _RECORD[is_postgres(session)], rows)).scalars())
 
 
 async def recorded(session: AsyncSession, consumer: str, event_ids: Sequence[str]) -> set[str]:
@@ -68,7 +69,7 @@ async def recorded(session: AsyncSession, consumer: str, event_ids: Sequence[str
     if not event_ids:
         return set()
     params = {"consumer": consumer, "event_ids": list(event_ids)}
-    return set((await session.scalars(_RECORDED, params)).all())
+    return set((await driver.execute(session, _RECORDED, params)).scalars())
 
 
 _RECORDED = select(_TABLE.c.event_id).where(
@@ -111,11 +112,12 @@ async def _record(
     event_id: str,
     params: Mapping[str, Any],
 ) -> bool:
-    inserted = await session.scalar(
+    inserted = await driver.execute(
+        session,
         statements[is_postgres(session)],
         {**params, "consumer": consumer, "event_id": event_id, "processed_at": utcnow()},
     )
-    return inserted is not None
+    return inserted.scalar() is not None
 
 
 def unrecorded_params(consumer: str, event_id: str) -> dict[str, str]:

@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from aigen.aio import IDLE_POLL_MAX_SECONDS, IdlePoll, sleep_or_stop, wait_any
 from aigen.clock import utcnow
-from aigen.db import notices
+from aigen.db import driver, notices
 from aigen.db.base import table, unleased
 from aigen.db.session import Sessionmaker, unit_of_work
 from aigen.models import OutboxMessage
@@ -64,11 +64,11 @@ async def add_many(session: AsyncSession, envelopes: Sequence[Envelope]) -> None
     if queue is not None:
         # The queue is in this database: its rows go in with the events', in this
         # transaction, and the events' rows are born sent (they stay for the event feed).
-        await session.execute(_INSERT, [_row(e, sent_at=now) for e in envelopes])
+        await driver.execute(session, _INSERT, [_row(e, sent_at=now) for e in envelopes])
         await queue.publish_in(session, envelopes)
         return
     until = publisher.lease(session, now)
-    await session.execute(_INSERT, [_row(e, until) for e in envelopes])
+    await driver.execute(session, _INSERT, [_row(e, until) for e in envelopes])
     _publish_on_commit(session, envelopes)
 
 

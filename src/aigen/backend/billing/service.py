@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from aigen.clock import utcnow
+from aigen.db import driver
 from aigen.db.base import table
 from aigen.errors import NotFound, PaymentRequired
 from aigen.models import Account, CreditEntry, Job
@@ -97,7 +99,7 @@ async def lock_balances(session: AsyncSession, account_ids: Iterable[str]) -> di
     to be inserted by other transactions meanwhile. `FOR UPDATE` would also wait for
     those, and deadlock with a consumer that inserts them for several accounts at once.
     """
-    rows = await session.execute(_LOCK_BALANCES, {"ids": sorted(set(account_ids))})
+    rows = await driver.execute(session, _LOCK_BALANCES, {"ids": sorted(set(account_ids))})
     return {account_id: int(balance) for account_id, balance in rows.all()}
 
 
@@ -121,7 +123,9 @@ async def hold_many(session: AsyncSession, holds: Sequence[Hold]) -> None:
     transaction: one ledger row each, and one balance update per account."""
     if not holds:
         return
-    await session.execute(
+    now = utcnow()
+    await driver.execute(
+        session,
         _ADD_ENTRIES,
         [
             {
@@ -130,6 +134,7 @@ async def hold_many(session: AsyncSession, holds: Sequence[Hold]) -> None:
                 "kind": "hold",
                 "amount": -h.amount,
                 "model": h.model,
+                "created_at": now,
             }
             for h in holds
         ],
@@ -137,7 +142,8 @@ async def hold_many(session: AsyncSession, holds: Sequence[Hold]) -> None:
     totals: dict[str, int] = {}
     for h in holds:
         totals[h.account_id] = totals.get(h.account_id, 0) + h.amount
-    await session.execute(
+    await driver.execute(
+        session,
         _CHANGE_BALANCE,
         [{"b_account": account_id, "b_delta": -total} for account_id, total in totals.items()],
     )
@@ -161,13 +167,14 @@ async def settle(session: AsyncSession, job: Job, *, price: int) -> int:
     One balance update (by their sum), then the two ledger rows in one statement.
     """
     charged = _capped(job, price)
-    result = await session.execute(
+    result = await driver.execute(
+        session,
         _CHANGE_BALANCE,
         {"b_account": job.account_id, "b_delta": job.credits_reserved - charged},
     )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+    if result.rowcount != 1:
         raise AccountNotFoundError(f"no account {job.account_id}")
-    await session.execute(_ADD_ENTRIES, _settlement_entries(job, charged))
+    await driver.execute(session, _ADD_ENTRIES, _settlement_entries(job, charged))
     return charged
 
 
@@ -182,7 +189,8 @@ async def settle_many(session: AsyncSession, prices: Sequence[tuple[Job, int]]) 
     totals: dict[str, int] = {}
     for (job, _), charged in zip(prices, charges, strict=True):
         totals[job.account_id] = totals.get(job.account_id, 0) + job.credits_reserved - charged
-    await session.execute(
+    await driver.execute(
+        session,
         _CHANGE_BALANCE,
         [{"b_account": account_id, "b_delta": totals[account_id]} for account_id in sorted(totals)],
     )
@@ -191,7 +199,7 @@ async def settle_many(session: AsyncSession, prices: Sequence[tuple[Job, int]]) 
         for (job, _), charged in zip(prices, charges, strict=True)
         for entry in _settlement_entries(job, charged)
     ]
-    await session.execute(_ADD_ENTRIES, entries)
+    await driver.execute(session, _ADD_ENTRIES, entries)
     return charges
 
 
@@ -202,6 +210,7 @@ def _capped(job: Job, price: int) -> int:
 def _settlement_entries(job: Job, charged: int) -> list[dict[str, object]]:
     """A settled job's ledger rows: the release of its hold, and the capture if any."""
     entries = [(job.credits_reserved, "release")] + ([(-charged, "capture")] if charged else [])
+    now = utcnow()
     return [
         {
             "account_id": job.account_id,
@@ -209,6 +218,9 @@ def _settlement_entries(job: Job, charged: int) -> list[dict[str, object]]:
             "kind": kind,
             "amount": amount,
             "model": job.model,
+            # Given, not the column's default: a statement with Python-side defaults
+            # is left to SQLAlchemy's execution (`db.driver`).
+            "created_at": now,
         }
         for amount, kind in entries
     ]

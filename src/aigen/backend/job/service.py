@@ -33,7 +33,7 @@ from aigen.bus.messages import (
     Envelope,
 )
 from aigen.clock import utcnow
-from aigen.db import notices
+from aigen.db import driver, notices
 from aigen.db.base import UTCDateTime, as_loaded, build, columns_of, one_of, table
 from aigen.errors import AppError, Conflict, NotFound, RateLimited
 from aigen.ids import new_id
@@ -162,7 +162,7 @@ async def create_many(
     """
     balances = await billing.lock_balances(session, (s.principal.account_id for s in candidates))
     key_ids = sorted({s.principal.key_id for s in candidates})
-    counts = await session.execute(_ACTIVE_PER_KEY, {"ids": key_ids})
+    counts = await driver.execute(session, _ACTIVE_PER_KEY, {"ids": key_ids})
     active: dict[str, int] = {key_id: int(n) for key_id, n in counts.all()}
 
     outcomes: list[Accepted | AppError] = []
@@ -199,7 +199,7 @@ async def create_many(
         outcomes.append(Accepted(job, count))
 
     if accepted:
-        await session.execute(_INSERT_JOBS, [_columns(s.job) for s in accepted])
+        await driver.execute(session, _INSERT_JOBS, [_columns(s.job) for s in accepted])
         await outbox.add_many(
             session,
             [
@@ -377,8 +377,9 @@ async def _update_returning(
 ) -> Job | None:
     """One `UPDATE … RETURNING`, in Core: the changed job as stored now (the session's
     object, `as_loaded`), or None if none matched."""
-    row = (await session.execute(statement, params)).mappings().one_or_none()
-    return as_loaded(session, Job, row) if row is not None else None
+    result = await driver.execute(session, statement, params)
+    row = result.one_or_none()
+    return as_loaded(session, Job, dict(zip(result.keys, row, strict=True))) if row else None
 
 
 async def cancel(session: AsyncSession, job_id: str, *, account_id: str) -> Job:
@@ -479,7 +480,7 @@ async def claim_many(
     for number, (job_id, event_id) in enumerate(claims):
         if event_id not in recorded:
             first.setdefault(job_id, number)
-    rows = await session.execute(_CLAIM_MANY, {"job_ids": list(first), "now": utcnow()})
+    rows = await driver.execute(session, _CLAIM_MANY, {"job_ids": list(first), "now": utcnow()})
     claimed = {row["id"]: as_loaded(session, Job, row) for row in rows.mappings()}
     jobs: list[Job | None] = []
     for number, (job_id, event_id) in enumerate(claims):
@@ -622,10 +623,12 @@ async def apply_completed(
     if job is None:
         return None
     if message.assets:
-        await session.execute(_ADD_ASSETS, [_asset_row(job, asset) for asset in message.assets])
+        await driver.execute(
+            session, _ADD_ASSETS, [_asset_row(job, asset) for asset in message.assets]
+        )
     charge = price(job) if callable(price) else price
     charged = await billing.settle(session, job, price=charge)
-    await session.execute(_SET_CHARGED, {"job_id": job.id, "charged": charged})
+    await driver.execute(session, _SET_CHARGED, {"job_id": job.id, "charged": charged})
     # The object in hand as stored now, without a second UPDATE at the flush.
     set_committed_value(job, "credits_charged", charged)
     return job
@@ -659,7 +662,7 @@ async def apply_completed_many(
     for number, message in enumerate(messages):
         first.setdefault(message.job_id, number)
     fences = [(messages[n].job_id, messages[n].attempt) for n in first.values()]
-    rows = await session.execute(_COMPLETE_MANY, {"fences": fences, "now": utcnow()})
+    rows = await driver.execute(session, _COMPLETE_MANY, {"fences": fences, "now": utcnow()})
     done = {row["id"]: as_loaded(session, Job, row) for row in rows.mappings()}
     applied = [messages[n] for n in first.values() if messages[n].job_id in done]
     if applied:
@@ -690,11 +693,12 @@ async def _settle_completed(
     notices.after_commit(session, ENDED, [job.id for job, _ in completed])
     assets = [_asset_row(job, asset) for job, message in completed for asset in message.assets]
     if assets:
-        await session.execute(_ADD_ASSETS, assets)
+        await driver.execute(session, _ADD_ASSETS, assets)
     charges = await billing.settle_many(
         session, [(job, price(job, message)) for job, message in completed]
     )
-    await session.execute(
+    await driver.execute(
+        session,
         _SET_USAGE_AND_CHARGED,
         [
             {"job_id": job.id, "usage": dict(message.usage), "charged": charged}
@@ -714,6 +718,7 @@ def _asset_row(job: Job, asset: AssetRef) -> dict[str, Any]:
         "content_type": asset.content_type,
         "bytes": asset.bytes,
         "sha256": asset.sha256,
+        "created_at": utcnow(),  # given: see `billing._settlement_entries`
     }
 
 

@@ -1,0 +1,164 @@
+"""`db.driver.execute`: the same rows, counts, transaction and errors as the session's own
+execution, on both databases; on PostgreSQL without SQLAlchemy's execution."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import bindparam, event, exc, insert, select, text, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from aigen.db import driver
+from aigen.db.base import table
+from aigen.db.errors import unreachable
+from aigen.db.session import Sessionmaker, unit_of_work
+from aigen.models import Account, InboxMessage
+
+_INBOX = table(InboxMessage)
+_ACCOUNTS = table(Account)
+# Built once, as the hot statements are (the driver keeps a plan per statement object).
+_ADD = insert(_INBOX)
+_ADD_RETURNING = insert(_INBOX).returning(_INBOX.c.event_id, _INBOX.c.processed_at)
+_OF = (
+    select(_INBOX.c.event_id, _INBOX.c.processed_at)
+    .where(
+        _INBOX.c.consumer == bindparam("consumer"),
+        _INBOX.c.event_id.in_(bindparam("ids", expanding=True)),
+    )
+    .order_by(_INBOX.c.event_id)
+)
+_TOUCH = (
+    update(_INBOX).where(_INBOX.c.consumer == bindparam("who")).values(processed_at=bindparam("at"))
+)
+_CREDIT = (
+    update(_ACCOUNTS)
+    .where(_ACCOUNTS.c.id == bindparam("account_id"))
+    .values(balance=_ACCOUNTS.c.balance + 5)  # a literal bound in the expression
+)
+_AT = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+def _row(event_id: str, at: datetime = _AT) -> dict[str, object]:
+    return {"consumer": "test", "event_id": event_id, "processed_at": at}
+
+
+async def test_rows_and_counts_are_the_sessions(sessionmaker: Sessionmaker) -> None:
+    async with unit_of_work(sessionmaker) as session:
+        added = await driver.execute(session, _ADD_RETURNING, _row("evt_1"))
+        many = await driver.execute(session, _ADD, [_row("evt_2"), _row("evt_3"), _row("evt_4")])
+        # Another offset, given to a UTC column: it comes back as the same instant in UTC.
+        later = _AT.astimezone(timezone(timedelta(hours=2))) + timedelta(seconds=1)
+        touched = await driver.execute(session, _TOUCH, {"who": "test", "at": later})
+        found = await driver.execute(
+            session, _OF, {"consumer": "test", "ids": ["evt_1", "evt_3", "evt_9"]}
+        )
+        none = await driver.execute(session, _OF, {"consumer": "other", "ids": ["evt_1"]})
+
+    assert added.all() == [("evt_1", _AT)]
+    assert many.rows == []
+    assert touched.rowcount == 4
+    second = _AT + timedelta(seconds=1)
+    assert found.all() == [("evt_1", second), ("evt_3", second)]
+    assert found.all()[0][1].tzinfo == UTC
+    assert found.scalars() == ["evt_1", "evt_3"]
+    assert none.all() == []
+    assert none.scalar() is None
+
+
+async def test_a_literal_in_the_statement_and_python_defaults_are_applied(
+    sessionmaker: Sessionmaker,
+) -> None:
+    async with unit_of_work(sessionmaker) as session:
+        session.add(Account(id="acct_1", name="a", balance=10, webhook_secret="s"))
+        await session.flush()
+        credited = await driver.execute(session, _CREDIT, {"account_id": "acct_1"})
+        # No `processed_at`: the column's Python default (`utcnow`) fills it.
+        await driver.execute(session, _ADD, {"consumer": "test", "event_id": "evt_1"})
+    async with sessionmaker() as session:
+        balance = await session.scalar(select(Account.balance))
+        stamped = await session.scalar(select(InboxMessage.processed_at))
+
+    assert credited.rowcount == 1
+    assert balance == 15
+    assert stamped is not None
+    assert abs(stamped - datetime.now(UTC)) < timedelta(minutes=1)
+
+
+async def test_statements_share_the_sessions_transaction(sessionmaker: Sessionmaker) -> None:
+    async with sessionmaker() as session:
+        await session.begin()
+        # Each sees the other's write before the commit: one transaction.
+        session.add(InboxMessage(consumer="test", event_id="evt_0", processed_at=_AT))
+        await session.flush()
+        seen = await driver.execute(session, _OF, {"consumer": "test", "ids": ["evt_0"]})
+        await driver.execute(session, _ADD, _row("evt_1"))
+        also = await session.scalar(select(_INBOX.c.event_id).where(_INBOX.c.event_id == "evt_1"))
+        await session.rollback()
+    async with sessionmaker() as session:
+        left = (await session.scalars(select(InboxMessage.event_id))).all()
+
+    assert seen.scalars() == ["evt_0"]
+    assert also == "evt_1"
+    assert left == []  # the driver's insert rolled back with the session's
+
+
+async def test_a_violated_constraint_is_sqlalchemys_error_and_the_session_recovers(
+    sessionmaker: Sessionmaker,
+) -> None:
+    async with unit_of_work(sessionmaker) as session:
+        await driver.execute(session, _ADD, _row("evt_1"))
+    with pytest.raises(exc.IntegrityError):
+        async with unit_of_work(sessionmaker) as session:
+            await driver.execute(session, _ADD, _row("evt_1"))
+    async with unit_of_work(sessionmaker) as session:
+        await driver.execute(session, _ADD, _row("evt_2"))
+    async with sessionmaker() as session:
+        rows = (await session.scalars(select(InboxMessage.event_id))).all()
+
+    assert sorted(rows) == ["evt_1", "evt_2"]
+
+
+async def test_postgresql_runs_them_past_sqlalchemys_execution(
+    engine: AsyncEngine, sessionmaker: Sessionmaker
+) -> None:
+    # SQLAlchemy's cursor events still see every statement; those run on the driver
+    # have no execution context.
+    seen: list[tuple[str, bool]] = []
+
+    def watch(*args: object) -> None:
+        if not str(args[2]).startswith("BEGIN"):  # SQLite's BEGIN IMMEDIATE
+            seen.append((str(args[2]).split()[0], args[4] is None))
+
+    event.listen(engine.sync_engine, "before_cursor_execute", watch)
+    async with unit_of_work(sessionmaker) as session:
+        await driver.execute(session, _ADD, _row("evt_1"))
+        await driver.execute(session, _OF, {"consumer": "test", "ids": ["evt_1"]})
+        await driver.execute(session, _ADD, [_row("evt_2"), _row("evt_3")])
+        # A list with RETURNING is SQLAlchemy's (one multi-row statement) on both.
+        await driver.execute(session, _ADD_RETURNING, [_row("evt_4"), _row("evt_5")])
+
+    postgres = engine.dialect.name == "postgresql"
+    on_driver = [("INSERT", postgres), ("SELECT", postgres), ("INSERT", postgres)]
+    assert seen == [*on_driver, ("INSERT", False)]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)  # a server to lose
+async def test_a_lost_connection_is_unreachable_and_the_pool_recovers(
+    engine: AsyncEngine, sessionmaker: Sessionmaker
+) -> None:
+    async with sessionmaker() as session:
+        await session.begin()
+        await driver.execute(session, _ADD, _row("evt_0"))
+        pid = await session.scalar(text("SELECT pg_backend_pid()"))
+        async with engine.connect() as other:
+            await other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        with pytest.raises(exc.DBAPIError) as caught:
+            await driver.execute(session, _ADD, _row("evt_1"))
+
+    assert unreachable(caught.value)
+    async with unit_of_work(sessionmaker) as session:
+        await driver.execute(session, _ADD, _row("evt_2"))
+    async with sessionmaker() as session:
+        assert (await session.scalars(select(InboxMessage.event_id))).all() == ["evt_2"]
