@@ -34,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from aigen.clock import utcnow
 from aigen.config import Settings
+from aigen.db import driver
 from aigen.db.base import table
 from aigen.db.group import GroupCommit
 from aigen.db.session import Sessionmaker, unit_of_work
@@ -338,7 +339,7 @@ class Dispatcher:
         own URL that succeeded (most of them); the others one by one (they may change
         their endpoint too)."""
         now = utcnow()
-        await session.execute(_ADD_ATTEMPT, [_attempt_row(ended) for ended in attempts])
+        await driver.execute(session, _ADD_ATTEMPT, [_attempt_row(ended) for ended in attempts])
         simple = [ended.claim for ended in attempts if _delivered_to_url(ended)]
         delivered = await repository.settle_delivered(session, simple, now)
         settled: list[Settled] = []

@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import bindparam, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from aigen.db import driver
 from aigen.db.base import table, unleased
 from aigen.models import WebhookDelivery
 
@@ -37,8 +38,8 @@ async def claim_due(
 ) -> list[Claim]:
     """Lease up to `limit` due deliveries until `lease_until`, oldest due first: taken,
     leased and counted in one statement."""
-    rows = await session.execute(
-        _CLAIM_DUE, {"limit": limit, "now": now, "lease_until": lease_until}
+    rows = await driver.execute(
+        session, _CLAIM_DUE, {"limit": limit, "now": now, "lease_until": lease_until}
     )
     # RETURNING keeps no order: the oldest due first, as they were chosen.
     return [Claim(id=id_, attempt=attempts) for _, id_, attempts in sorted(rows.all())]
@@ -48,8 +49,8 @@ async def settle(session: AsyncSession, claim: Claim, **values: Any) -> bool:
     """Apply `values` to the claimed delivery unless it was claimed again since; True if applied."""
     params = {f"new_{name}": value for name, value in values.items()}
     params.update(delivery_id=claim.id, claimed_attempt=claim.attempt)
-    settled = await session.scalar(_settle_statement(tuple(values)), params)
-    return settled is not None
+    settled = await driver.execute(session, _settle_statement(tuple(values)), params)
+    return settled.scalar() is not None
 
 
 async def settle_delivered(
@@ -60,7 +61,7 @@ async def settle_delivered(
     if not claims:
         return set()
     params = {"claims": [(claim.id, claim.attempt) for claim in claims], "now": now}
-    return set((await session.scalars(_SETTLE_DELIVERED, params)).all())
+    return set((await driver.execute(session, _SETTLE_DELIVERED, params)).scalars())
 
 
 _DELIVERIES = table(WebhookDelivery)
