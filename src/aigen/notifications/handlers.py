@@ -24,6 +24,8 @@ from aigen.bus.broker import Handler, Retry
 from aigen.bus.messages import Envelope
 from aigen.clock import utcnow
 from aigen.config import Settings
+from aigen.db import driver
+from aigen.db.base import as_loaded, table
 from aigen.db.group import GroupCommit
 from aigen.db.session import Sessionmaker
 from aigen.models import Account, Job, WebhookDelivery, WebhookEndpoint
@@ -176,14 +178,18 @@ def _lease(dispatcher: Dispatcher, event: _Event) -> service.Lease:
 
 # The jobs, their accounts and the accounts' endpoints that receive events, in one
 # statement: the account's webhook secret signs the deliveries to the job's own URL, and
-# the endpoints are the other targets.
+# the endpoints are the other targets. In Core, each row's columns cut by table into the
+# session's objects (`as_loaded`), so that it runs on the driver (`db.driver`), not
+# through the ORM's loading of three entities a row.
+_TABLES = (table(Job), table(Account), table(WebhookEndpoint))
 _JOBS_AND_TARGETS = (
-    select(Job, Account, WebhookEndpoint)
-    .join(Account, Account.id == Job.account_id)
-    .outerjoin(WebhookEndpoint, service.receiving_events(Job.account_id))
-    .where(Job.id.in_(bindparam("ids", expanding=True)))
-    .order_by(Job.id, WebhookEndpoint.id)
+    select(*(column for t in _TABLES for column in t.c))
+    .join_from(_TABLES[0], _TABLES[1], _TABLES[1].c.id == _TABLES[0].c.account_id)
+    .outerjoin(_TABLES[2], service.receiving_events(_TABLES[0].c.account_id))
+    .where(_TABLES[0].c.id.in_(bindparam("ids", expanding=True)))
+    .order_by(_TABLES[0].c.id, _TABLES[2].c.id)
 )
+_KEYS = [[column.key for column in t.c] for t in _TABLES]
 Targets = tuple[Job | None, Account | None, list[WebhookEndpoint]]
 _NOTHING: Targets = (None, None, [])
 
@@ -196,11 +202,23 @@ async def _jobs_and_targets(
     found: dict[str, Targets] = {}
     if not ids:
         return found
-    for job, account, endpoint in await session.execute(_JOBS_AND_TARGETS, {"ids": ids}):
-        _, _, endpoints = found.setdefault(job.id, (job, account, []))
-        if endpoint is not None:
-            endpoints.append(endpoint)
+    for row in (await driver.execute(session, _JOBS_AND_TARGETS, {"ids": ids})).all():
+        job_row, account_row, endpoint_row = _cut(row)
+        if job_row["id"] not in found:
+            job = as_loaded(session, Job, job_row)
+            found[job.id] = (job, as_loaded(session, Account, account_row), [])
+        if endpoint_row["id"] is not None:  # (the outer join's row of NULLs: none)
+            found[job_row["id"]][2].append(as_loaded(session, WebhookEndpoint, endpoint_row))
     return found
+
+
+def _cut(row: Sequence[Any]) -> list[dict[str, Any]]:
+    """A row of `_JOBS_AND_TARGETS` as each table's columns by key."""
+    cut, start = [], 0
+    for keys in _KEYS:
+        cut.append(dict(zip(keys, row[start : start + len(keys)], strict=True)))
+        start += len(keys)
+    return cut
 
 
 @dataclass(frozen=True, slots=True)

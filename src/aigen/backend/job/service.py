@@ -268,17 +268,23 @@ async def get(session: AsyncSession, job_id: str, *, account_id: str | None = No
     return job
 
 
-_ASSETS_OF = select(Asset).where(Asset.job_id == bindparam("job_id")).order_by(Asset.index)
+# In Core, each row then the session's object (`as_loaded`), so that it runs on the
+# driver (`db.driver`): every webhook of a completed job reads them.
+_ASSETS = table(Asset)
+_ASSETS_OF = (
+    select(*_ASSETS.c).where(_ASSETS.c.job_id == bindparam("job_id")).order_by(_ASSETS.c.index)
+)
 
 
 async def assets_of(session: AsyncSession, job_id: str) -> list[Asset]:
-    return list((await session.scalars(_ASSETS_OF, {"job_id": job_id})).all())
+    rows = await driver.execute(session, _ASSETS_OF, {"job_id": job_id})
+    return [as_loaded(session, Asset, row) for row in rows.mappings()]
 
 
 _ASSETS_OF_MANY = (
-    select(Asset)
-    .where(Asset.job_id.in_(bindparam("job_ids", expanding=True)))
-    .order_by(Asset.job_id, Asset.index)
+    select(*_ASSETS.c)
+    .where(_ASSETS.c.job_id.in_(bindparam("job_ids", expanding=True)))
+    .order_by(_ASSETS.c.job_id, _ASSETS.c.index)
 )
 
 
@@ -286,8 +292,9 @@ async def assets_of_many(session: AsyncSession, job_ids: Sequence[str]) -> dict[
     """`assets_of` for several jobs in one statement: every job named has an entry."""
     found: dict[str, list[Asset]] = {job_id: [] for job_id in job_ids}
     if found:
-        for asset in await session.scalars(_ASSETS_OF_MANY, {"job_ids": sorted(found)}):
-            found[asset.job_id].append(asset)
+        rows = await driver.execute(session, _ASSETS_OF_MANY, {"job_ids": sorted(found)})
+        for row in rows.mappings():
+            found[row["job_id"]].append(as_loaded(session, Asset, row))
     return found
 
 
