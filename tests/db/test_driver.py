@@ -13,10 +13,11 @@ from aigen.db import driver
 from aigen.db.base import table
 from aigen.db.errors import unreachable
 from aigen.db.session import Sessionmaker, unit_of_work
-from aigen.models import Account, InboxMessage
+from aigen.models import Account, CreditEntry, InboxMessage
 
 _INBOX = table(InboxMessage)
 _ACCOUNTS = table(Account)
+_ADD_ENTRIES = insert(table(CreditEntry))
 # Built once, as the hot statements are (the driver keeps a plan per statement object).
 _ADD = insert(_INBOX)
 _ADD_RETURNING = insert(_INBOX).returning(_INBOX.c.event_id, _INBOX.c.processed_at)
@@ -130,17 +131,29 @@ async def test_postgresql_runs_them_past_sqlalchemys_execution(
         if not str(args[2]).startswith("BEGIN"):  # SQLite's BEGIN IMMEDIATE
             seen.append((str(args[2]).split()[0], args[4] is None))
 
+    async with unit_of_work(sessionmaker) as session:
+        session.add(Account(id="acct_1", name="a", balance=10, webhook_secret="s"))
+    entries = [
+        {"account_id": "acct_1", "kind": "grant", "amount": n, "created_at": _AT} for n in (1, 2)
+    ]
     event.listen(engine.sync_engine, "before_cursor_execute", watch)
     async with unit_of_work(sessionmaker) as session:
         await driver.execute(session, _ADD, _row("evt_1"))
         await driver.execute(session, _OF, {"consumer": "test", "ids": ["evt_1"]})
         await driver.execute(session, _ADD, [_row("evt_2"), _row("evt_3")])
+        # Rows with a generated key: the implicit RETURNING of one row's key is not
+        # made for a list, which the driver therefore runs.
+        await driver.execute(session, _ADD_ENTRIES, entries)
         # A list with RETURNING is SQLAlchemy's (one multi-row statement) on both.
         await driver.execute(session, _ADD_RETURNING, [_row("evt_4"), _row("evt_5")])
+    event.remove(engine.sync_engine, "before_cursor_execute", watch)
+    async with sessionmaker() as session:
+        ledger = (await session.scalars(select(CreditEntry.amount))).all()
 
     postgres = engine.dialect.name == "postgresql"
     on_driver = [("INSERT", postgres), ("SELECT", postgres), ("INSERT", postgres)]
-    assert seen == [*on_driver, ("INSERT", False)]
+    assert seen == [*on_driver, ("INSERT", postgres), ("INSERT", False)]
+    assert sorted(ledger) == [1, 2]
 
 
 @pytest.mark.postgres

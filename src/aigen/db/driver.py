@@ -72,11 +72,12 @@ async def execute(
 ) -> Rows:
     """Run `statement` in the session's transaction (see the module's note)."""
     bind = session.get_bind()
-    if bind.dialect.name == "postgresql" and bind.dialect.driver == "asyncpg":
-        rows: Sequence[Params] = [params] if isinstance(params, Mapping) else params
-        plan = _plan(statement, tuple(rows[0]) if rows else (), bind.dialect)
+    rows: Sequence[Params] = [params] if isinstance(params, Mapping) else params
+    if rows and bind.dialect.name == "postgresql" and bind.dialect.driver == "asyncpg":
         # A list of one is the same statement with its one set of parameters.
-        if plan is not None and (len(rows) == 1 or not (plan.returns_rows or plan.expanding)):
+        many = len(rows) > 1
+        plan = _plan(statement, tuple(rows[0]), bind.dialect, many)
+        if plan is not None and not (many and (plan.returns_rows or plan.expanding)):
             connection, driver = await _driver(session)
             return await plan.run(connection, driver, rows)
     result = cast("CursorResult[Any]", await session.execute(statement, params))
@@ -160,11 +161,13 @@ def _processed(record: Any, processors: tuple[_Processor, ...]) -> tuple[Any, ..
 
 
 @functools.lru_cache(maxsize=512)
-def _plan(statement: Any, keys: tuple[str, ...], dialect: Dialect) -> _Plan | None:
+def _plan(statement: Any, keys: tuple[str, ...], dialect: Dialect, many: bool) -> _Plan | None:
     """The statement compiled for these parameter names, or None when only SQLAlchemy's
     execution can run it. Kept per statement object: the hot statements are built once
     (see `db.base.table`), so there are few."""
-    compiled = statement.compile(dialect=dialect, column_keys=list(keys))
+    # For a list, as SQLAlchemy compiles it: an INSERT's implicit RETURNING of the new
+    # primary key is for one row only.
+    compiled = statement.compile(dialect=dialect, column_keys=list(keys), for_executemany=many)
     if not isinstance(compiled, SQLCompiler) or compiled.positiontup is None:
         return None
     if compiled.insert_prefetch or compiled.update_prefetch:
