@@ -1,23 +1,27 @@
-"""The hot statements straight to asyncpg, compiled once by SQLAlchemy.
+"""The hot statements straight to the database's driver, compiled once by SQLAlchemy.
 
 Through the session a statement costs about twice its round trip in Python: SQLAlchemy's
-execution context, its asyncpg adapter's cursor and its result objects take 190 µs a
-statement on this project's bench machine, against about 90 for asyncpg alone (BENCHMARKS,
-the sixteenth session). So on PostgreSQL `execute` runs a Core statement on the
-session's own asyncpg connection, inside the session's transaction: SQLAlchemy compiles
-the statement once (the SQL, the order of its parameters, their type processors), and
-each call only converts the values and makes the driver's call. The statements stay
-written once, in SQLAlchemy, for both databases: on SQLite, and for what this fast path
-does not cover, `execute` is `session.execute`.
+execution context, its adapter's cursor and its result objects took 190 µs a statement
+on the bench machine, against about 90 for asyncpg alone (BENCHMARKS.md, the sixteenth
+session). So `execute` runs a Core statement on the session's own driver connection,
+inside the session's transaction: SQLAlchemy compiles the statement once per statement
+object and set of parameter names (the SQL, the order of its parameters, their types'
+processors), and each call only converts the values and makes the driver's call. The
+statements stay written once, in SQLAlchemy, for both databases. The drivers are
+asyncpg, and on SQLite this project's loop connection (`db.sqlite`); for any other,
+`execute` is `session.execute`.
 
-Covered: a Core statement (INSERT, UPDATE, DELETE, SELECT) run with one set of
-parameters, or with a list of them when it returns no rows (asyncpg's `executemany`,
-one round trip). Left to SQLAlchemy: a list with RETURNING (its "insertmanyvalues"
-renders one multi-row statement), and statements whose columns take Python-side
-defaults or `onupdate` values (the execution context computes those).
+Covered: a Core statement (INSERT, UPDATE, DELETE, SELECT) built once, run with one set
+of parameters, or with a list of them when it returns no rows (the driver's
+`executemany`). Left to SQLAlchemy: a list with RETURNING (its "insertmanyvalues"
+renders one multi-row statement), an ORM statement (it makes entities; `db.base.
+as_loaded` makes them from Core rows), and statements whose columns take Python-side
+defaults or `onupdate` values (the execution context computes those: give them).
 
-Errors come back as SQLAlchemy's, translated as its own execution would, so that
-`db.errors.unreachable` and the callers' handling see no difference.
+What SQLAlchemy's execution does around a statement still happens: its cursor events
+fire (with no cursor or execution context, as its documentation allows), and errors come
+back as its own, translated the same way, the connection invalidated when it is gone, so
+that `db.errors.unreachable` and every caller see no difference.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from sqlalchemy import exc
 from sqlalchemy.engine import CursorResult, Dialect
@@ -33,10 +37,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.sql import Executable
 from sqlalchemy.sql.compiler import SQLCompiler
 
+from . import sqlite
+
 Params = Mapping[str, Any]
 _Processor = Callable[[Any], Any] | None
 # session.info: the transaction that `_driver` found the connection for, and it.
 _DRIVER = "aigen.driver"
+# (dialect, driver) of the engines this runs past SQLAlchemy: asyncpg, and SQLite through
+# this project's loop connection (`db.sqlite`, under SQLAlchemy's aiosqlite dialect).
+_DRIVERS = {("postgresql", "asyncpg"), ("sqlite", "aiosqlite")}
 
 
 @dataclass(slots=True)
@@ -71,15 +80,16 @@ async def execute(
     session: AsyncSession, statement: Executable, params: Params | Sequence[Params]
 ) -> Rows:
     """Run `statement` in the session's transaction (see the module's note)."""
-    bind = session.get_bind()
+    dialect = session.get_bind().dialect
     rows: Sequence[Params] = [params] if isinstance(params, Mapping) else params
-    if rows and bind.dialect.name == "postgresql" and bind.dialect.driver == "asyncpg":
+    if rows and (dialect.name, dialect.driver) in _DRIVERS:
         # A list of one is the same statement with its one set of parameters.
         many = len(rows) > 1
-        plan = _plan(statement, tuple(rows[0]), bind.dialect, many)
+        plan = _plan(statement, tuple(rows[0]), dialect, many)
         if plan is not None and not (many and (plan.returns_rows or plan.expanding)):
-            connection, driver = await _driver(session)
-            return await plan.run(connection, driver, rows)
+            on = await _driver(session)
+            if on is not None:
+                return await plan.run(*on, rows)
     result = cast("CursorResult[Any]", await session.execute(statement, params))
     if not result.returns_rows:
         return Rows([], getattr(result, "rowcount", -1))
@@ -121,7 +131,9 @@ class _Plan:
             out.append(processor(value) if processor is not None else value)
         return out, self.sql
 
-    async def run(self, connection: AsyncConnection, driver: Any, rows: Sequence[Params]) -> Rows:
+    async def run(
+        self, connection: AsyncConnection, driver: _Runner, rows: Sequence[Params]
+    ) -> Rows:
         many = len(rows) != 1
         if many:
             sql, values = self.sql, [self.values(row)[0] for row in rows]
@@ -139,9 +151,9 @@ class _Plan:
                 await driver.executemany(sql, values)
                 count = -1
             elif not self.returns_rows:
-                count = _rowcount(await driver.execute(sql, *values))
+                count = await driver.execute(sql, values)
             else:
-                records = await driver.fetch(sql, *values)
+                records = await driver.fetch(sql, values)
                 if any(self.results):
                     found = [_processed(record, self.results) for record in records]
                 else:
@@ -201,12 +213,14 @@ def _orm(compiled: SQLCompiler) -> bool:
     return bool(plugin == "orm")
 
 
-async def _driver(session: AsyncSession) -> tuple[AsyncConnection, Any]:
-    """The session's connection and its asyncpg connection, in the session's transaction.
+async def _driver(session: AsyncSession) -> tuple[AsyncConnection, _Runner] | None:
+    """The session's connection and the driver's under it, in the session's transaction;
+    None for a driver this module does not know.
 
     SQLAlchemy's asyncpg adapter sends BEGIN with the first statement; one sent past it
     would run outside the transaction, so the adapter is made to begin now if it has
-    not (`_start_transaction`, what its cursor calls first)."""
+    not (`_start_transaction`, what its cursor calls first). On SQLite the connection's
+    `begin` event has sent BEGIN IMMEDIATE already (`db.session`)."""
     transaction = session.get_transaction()
     found = session.info.get(_DRIVER)
     if found is not None and found[0] is transaction:
@@ -214,14 +228,68 @@ async def _driver(session: AsyncSession) -> tuple[AsyncConnection, Any]:
     connection = await session.connection()
     fairy = await connection.get_raw_connection()
     adapted: Any = fairy.dbapi_connection
-    if adapted._transaction is None:
-        try:
-            await adapted._start_transaction()
-        except Exception as error:
-            raise await _translate(connection, "BEGIN", error) from error
-    driver = adapted.driver_connection
-    session.info[_DRIVER] = (transaction, connection, driver)
-    return connection, driver
+    runner: _Runner
+    if isinstance(adapted.driver_connection, sqlite.LoopConnection):
+        runner = _SQLite(adapted.driver_connection)
+    elif connection.dialect.driver == "asyncpg":
+        if adapted._transaction is None:
+            try:
+                await adapted._start_transaction()
+            except Exception as error:
+                raise await _translate(connection, "BEGIN", error) from error
+        runner = _Asyncpg(adapted.driver_connection)
+    else:
+        return None
+    session.info[_DRIVER] = (transaction, connection, runner)
+    return connection, runner
+
+
+class _Runner(Protocol):
+    """A driver's three calls: a statement's changed rows, its rows, a list of them."""
+
+    async def execute(self, sql: str, values: list[Any]) -> int: ...
+
+    async def fetch(self, sql: str, values: list[Any]) -> Sequence[Sequence[Any]]: ...
+
+    async def executemany(self, sql: str, values: list[list[Any]]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Asyncpg:
+    connection: Any  # asyncpg.Connection
+
+    async def execute(self, sql: str, values: list[Any]) -> int:
+        # The command tag: "UPDATE 3", "DELETE 0", "INSERT 0 1".
+        status: str = await self.connection.execute(sql, *values)
+        last = status.rpartition(" ")[2]
+        return int(last) if last.isdigit() else -1
+
+    async def fetch(self, sql: str, values: list[Any]) -> Sequence[Sequence[Any]]:
+        records: Sequence[Sequence[Any]] = await self.connection.fetch(sql, *values)
+        return records
+
+    async def executemany(self, sql: str, values: list[list[Any]]) -> None:
+        await self.connection.executemany(sql, values)
+
+
+@dataclass(frozen=True, slots=True)
+class _SQLite:
+    connection: sqlite.LoopConnection
+
+    async def execute(self, sql: str, values: list[Any]) -> int:
+        async with self.connection.cursor() as cursor:
+            await cursor.execute(sql, values)
+            return cursor.rowcount
+
+    async def fetch(self, sql: str, values: list[Any]) -> Sequence[Sequence[Any]]:
+        async with self.connection.cursor() as cursor:
+            await cursor.execute(sql, values)
+            rows: list[Sequence[Any]] = await cursor.fetchall()
+            return rows
+
+    async def executemany(self, sql: str, values: list[list[Any]]) -> None:
+        async with self.connection.cursor() as cursor:
+            await cursor.executemany(sql, values)
 
 
 async def _translate(connection: AsyncConnection, sql: str, error: Exception) -> Exception:
@@ -247,9 +315,3 @@ async def _translate(connection: AsyncConnection, sql: str, error: Exception) ->
             dialect=dialect,
         )
     return error
-
-
-def _rowcount(status: str) -> int:
-    # asyncpg's command tag: "UPDATE 3", "DELETE 0", "INSERT 0 1".
-    last = status.rpartition(" ")[2]
-    return int(last) if last.isdigit() else -1
