@@ -39,6 +39,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 
 from aigen.aio import IDLE_POLL_MAX_SECONDS, IdlePoll, sleep_or_stop, wait_any
 from aigen.clock import utcnow
+from aigen.db import driver
 from aigen.db.base import table, unleased
 from aigen.db.session import Sessionmaker, unit_of_work
 from aigen.models import QueueMessage
@@ -169,10 +170,10 @@ class DatabaseBroker:
         ids: dict[tuple[object, object], int] = {}
         try:
             if handing:
-                written = await session.execute(_INSERT_RETURNING, rows)
+                written = await driver.execute(session, _INSERT_RETURNING, rows)
                 ids = {(queue, event_id): row_id for row_id, queue, event_id in written.all()}
             else:
-                await session.execute(_INSERT, rows)
+                await driver.execute(session, _INSERT, rows)
         except BaseException:
             # Nothing was written: the reservations are this call's to give back.
             _release(hand for hand, _ in handing)
@@ -286,7 +287,7 @@ class DatabaseBroker:
             "token": token,
         }
         async with unit_of_work(self._sessionmaker) as session:
-            result = await session.execute(_CLAIM, params)
+            result = await driver.execute(session, _CLAIM, params)
             rows = sorted(result.all())
         return [_Lease(row_id, token, deliveries, body) for row_id, deliveries, body in rows]
 
@@ -475,7 +476,9 @@ class _Acks:
 async def _delete_leased(session: AsyncSession, leases: Sequence[_Lease]) -> None:
     """Delete the messages still held under these leases (a lease run out and taken by
     another consumer keeps its message: that one's ack is the one that counts)."""
-    await session.execute(_DELETE_LEASED, {"leases": [(lease.id, lease.token) for lease in leases]})
+    await driver.execute(
+        session, _DELETE_LEASED, {"leases": [(lease.id, lease.token) for lease in leases]}
+    )
 
 
 _QUEUE = table(QueueMessage)

@@ -13,8 +13,9 @@ asyncpg, and on SQLite this project's loop connection (`db.sqlite`); for any oth
 
 Covered: a Core statement (INSERT, UPDATE, DELETE, SELECT) built once, run with one set
 of parameters, or with a list of them when it returns no rows (the driver's
-`executemany`). Left to SQLAlchemy: a list with RETURNING (its "insertmanyvalues"
-renders one multi-row statement), an ORM statement (it makes entities; `db.base.
+`executemany`), and on SQLite a list with RETURNING too. Left to SQLAlchemy: on
+PostgreSQL a list with RETURNING (its "insertmanyvalues" renders one multi-row statement,
+one round trip), an ORM statement (it makes entities; `db.base.
 as_loaded` makes them from Core rows), and statements whose columns take Python-side
 defaults or `onupdate` values (the execution context computes those: give them).
 
@@ -29,7 +30,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, ClassVar, Protocol, cast
 
 from sqlalchemy import exc
 from sqlalchemy.engine import CursorResult, Dialect
@@ -86,9 +87,9 @@ async def execute(
         # A list of one is the same statement with its one set of parameters.
         many = len(rows) > 1
         plan = _plan(statement, tuple(rows[0]), dialect, many)
-        if plan is not None and not (many and (plan.returns_rows or plan.expanding)):
+        if plan is not None and not (many and plan.expanding):
             on = await _driver(session)
-            if on is not None:
+            if on is not None and not (many and plan.returns_rows and not on[1].row_by_row):
                 return await plan.run(*on, rows)
     result = cast("CursorResult[Any]", await session.execute(statement, params))
     if not result.returns_rows:
@@ -147,13 +148,17 @@ class _Plan:
             events.before_cursor_execute(sync, None, sql, values, None, many)
         found: list[tuple[Any, ...]] = []
         try:
-            if many:
+            if many and not self.returns_rows:
                 await driver.executemany(sql, values)
                 count = -1
             elif not self.returns_rows:
                 count = await driver.execute(sql, values)
             else:
-                records = await driver.fetch(sql, values)
+                records: Sequence[Sequence[Any]]
+                if many:  # (`row_by_row`: SQLite, whose calls are not round trips)
+                    records = [r for row in values for r in await driver.fetch(sql, row)]
+                else:
+                    records = await driver.fetch(sql, values)
                 if any(self.results):
                     found = [_processed(record, self.results) for record in records]
                 else:
@@ -245,7 +250,11 @@ async def _driver(session: AsyncSession) -> tuple[AsyncConnection, _Runner] | No
 
 
 class _Runner(Protocol):
-    """A driver's three calls: a statement's changed rows, its rows, a list of them."""
+    """A driver's three calls: a statement's changed rows, its rows, a list of them.
+    `row_by_row`: a list with RETURNING may run as one statement a row (where a call is
+    not a round trip); elsewhere it is SQLAlchemy's one multi-row statement."""
+
+    row_by_row: ClassVar[bool]
 
     async def execute(self, sql: str, values: list[Any]) -> int: ...
 
@@ -257,6 +266,7 @@ class _Runner(Protocol):
 @dataclass(frozen=True, slots=True)
 class _Asyncpg:
     connection: Any  # asyncpg.Connection
+    row_by_row: ClassVar[bool] = False
 
     async def execute(self, sql: str, values: list[Any]) -> int:
         # The command tag: "UPDATE 3", "DELETE 0", "INSERT 0 1".
@@ -275,6 +285,7 @@ class _Asyncpg:
 @dataclass(frozen=True, slots=True)
 class _SQLite:
     connection: sqlite.LoopConnection
+    row_by_row: ClassVar[bool] = True
 
     async def execute(self, sql: str, values: list[Any]) -> int:
         async with self.connection.cursor() as cursor:
