@@ -104,6 +104,22 @@ async def test_statements_share_the_sessions_transaction(sessionmaker: Sessionma
     assert left == []  # the driver's insert rolled back with the session's
 
 
+async def test_each_transaction_of_a_session_has_its_own_connection(
+    sessionmaker: Sessionmaker,
+) -> None:
+    async with sessionmaker() as session:
+        await driver.execute(session, _ADD, _row("evt_1"))  # the session begins by itself
+        await session.commit()
+        # A new transaction, maybe on another connection: not the first one's, now back
+        # in the pool, where this insert would commit by itself.
+        await driver.execute(session, _ADD, _row("evt_2"))
+        await session.rollback()
+    async with sessionmaker() as session:
+        left = (await session.scalars(select(InboxMessage.event_id))).all()
+
+    assert left == ["evt_1"]
+
+
 async def test_a_violated_constraint_is_sqlalchemys_error_and_the_session_recovers(
     sessionmaker: Sessionmaker,
 ) -> None:

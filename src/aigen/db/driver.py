@@ -228,9 +228,10 @@ async def _driver(session: AsyncSession) -> tuple[AsyncConnection, _Runner] | No
     `begin` event has sent BEGIN IMMEDIATE already (`db.session`)."""
     transaction = session.get_transaction()
     found = session.info.get(_DRIVER)
-    if found is not None and found[0] is transaction:
+    if transaction is not None and found is not None and found[0] is transaction:
         return found[1], found[2]
-    connection = await session.connection()
+    connection = await session.connection()  # (begins the session's transaction if need be)
+    transaction = session.get_transaction()
     fairy = await connection.get_raw_connection()
     adapted: Any = fairy.dbapi_connection
     runner: _Runner
