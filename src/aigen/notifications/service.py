@@ -15,7 +15,6 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, and_, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import InstrumentedAttribute
 
 from aigen.clock import utcnow
 from aigen.db import driver
@@ -136,9 +135,7 @@ def _rows(event: Event, now: datetime) -> list[dict[str, Any]]:
     ]
 
 
-def receiving_events(
-    account_id: ColumnElement[str] | InstrumentedAttribute[str],
-) -> ColumnElement[bool]:
+def receiving_events(account_id: ColumnElement[str]) -> ColumnElement[bool]:
     """Which endpoints receive the account's events: its own, unless disabled. (On the
     table's columns: a Core statement that uses it stays Core, for `db.driver`.)"""
     return and_(_ENDPOINTS.c.account_id == account_id, _ENDPOINTS.c.disabled_at.is_(None))
