@@ -120,6 +120,15 @@ async def test_each_transaction_of_a_session_has_its_own_connection(
     assert left == ["evt_1"]
 
 
+async def test_an_orm_statement_gives_the_sessions_objects(sessionmaker: Sessionmaker) -> None:
+    async with unit_of_work(sessionmaker) as session:
+        await driver.execute(session, _ADD, _row("evt_1"))
+        found = await driver.execute(session, select(InboxMessage), {})
+        held = await session.get(InboxMessage, ("test", "evt_1"))
+
+    assert found.scalars() == [held]
+
+
 async def test_a_violated_constraint_is_sqlalchemys_error_and_the_session_recovers(
     sessionmaker: Sessionmaker,
 ) -> None:

@@ -30,10 +30,10 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, cast
+from typing import Any, ClassVar, Protocol
 
 from sqlalchemy import exc
-from sqlalchemy.engine import CursorResult, Dialect
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.sql import Executable
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -91,8 +91,9 @@ async def execute(
             on = await _driver(session)
             if on is not None and not (many and plan.returns_rows and not on[1].row_by_row):
                 return await plan.run(*on, rows)
-    result = cast("CursorResult[Any]", await session.execute(statement, params))
-    if not result.returns_rows:
+    result = await session.execute(statement, params)
+    # (Only a statement's cursor result can have no rows; the ORM's results have rows.)
+    if not getattr(result, "returns_rows", True):
         return Rows([], getattr(result, "rowcount", -1))
     found = [tuple(row) for row in result.all()]
     return Rows(found, len(found), tuple(result.keys()))
@@ -189,7 +190,7 @@ def _plan(statement: Any, keys: tuple[str, ...], dialect: Dialect, many: bool) -
         return None
     if compiled.insert_prefetch or compiled.update_prefetch:
         return None  # Python-side defaults: the execution context computes them
-    if getattr(compiled, "compile_state", None) is not None and _orm(compiled):
+    if _orm(statement):
         return None
     binds = []
     for name in compiled.positiontup:
@@ -212,9 +213,11 @@ def _plan(statement: Any, keys: tuple[str, ...], dialect: Dialect, many: bool) -
     )
 
 
-def _orm(compiled: SQLCompiler) -> bool:
-    # An ORM statement (select(Job)) gives entities, which only the session makes.
-    plugin = getattr(compiled.compile_state, "plugin_name", "default")
+def _orm(statement: Any) -> bool:
+    # An ORM statement (select(Job)) gives entities, which only the session makes. Its
+    # compiled form does not tell (compiled outside a session, it is plain SQL); the
+    # statement carries the ORM's plugin from the entities it names.
+    plugin = getattr(statement, "_propagate_attrs", {}).get("compile_state_plugin")
     return bool(plugin == "orm")
 
 
