@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import bindparam, event, exc, insert, select, text, update
+from sqlalchemy import bindparam, event, exc, insert, select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from aigen.db import driver
@@ -65,6 +65,65 @@ async def test_rows_and_counts_are_the_sessions(sessionmaker: Sessionmaker) -> N
     assert found.scalars() == ["evt_1", "evt_3"]
     assert none.all() == []
     assert none.scalar() is None
+
+
+# Two lists, a plain parameter between them, a literal bound in the statement.
+_OF_EITHER = (
+    select(_INBOX.c.event_id)
+    .where(
+        _INBOX.c.event_id.in_(bindparam("some", expanding=True))
+        | _INBOX.c.processed_at.in_(bindparam("times", expanding=True)),
+        _INBOX.c.consumer == bindparam("consumer"),
+        _INBOX.c.event_id != "evt_none",
+    )
+    .order_by(_INBOX.c.event_id)
+)
+_OF_PAIRS = select(_INBOX.c.event_id).where(
+    tuple_(_INBOX.c.consumer, _INBOX.c.event_id).in_(bindparam("pairs", expanding=True))
+)
+
+
+async def test_lists_of_every_length_give_the_sessions_rows(sessionmaker: Sessionmaker) -> None:
+    # The expanded SQL is kept per set of list lengths: each length, seen again, must
+    # still place every value where SQLAlchemy's own expansion does.
+    later = _AT + timedelta(hours=1)
+    async with unit_of_work(sessionmaker) as session:
+        await driver.execute(
+            session, _ADD, [_row(f"evt_{n}", _AT + timedelta(hours=n)) for n in range(5)]
+        )
+    cases = [
+        ([], []),
+        (["evt_1"], []),
+        (["evt_1", "evt_3"], [later]),
+        (["evt_0", "evt_2", "evt_9"], [_AT + timedelta(hours=4)]),
+        (["evt_2", "evt_4"], [_AT]),
+        (["evt_0"], [later, _AT + timedelta(hours=3)]),
+        ([], [_AT + timedelta(hours=2)]),
+    ]
+    pairs = [[("test", "evt_1")], [("test", "evt_2"), ("other", "evt_3"), ("test", "evt_3")]]
+    got, expected = [], []
+    async with unit_of_work(sessionmaker) as session:
+        for some, times in cases * 2:
+            params = {"some": some, "times": times, "consumer": "test"}
+            got.append((await driver.execute(session, _OF_EITHER, params)).scalars())
+            expected.append((await session.execute(_OF_EITHER, params)).scalars().all())
+        for each in pairs * 2:
+            got.append(
+                sorted((await driver.execute(session, _OF_PAIRS, {"pairs": each})).scalars())
+            )
+            expected.append(sorted((await session.execute(_OF_PAIRS, {"pairs": each})).scalars()))
+
+    assert got == expected
+    assert got[:7] == [
+        [],
+        ["evt_1"],
+        ["evt_1", "evt_3"],
+        ["evt_0", "evt_2", "evt_4"],
+        ["evt_0", "evt_2", "evt_4"],
+        ["evt_0", "evt_1", "evt_3"],
+        ["evt_2"],
+    ]
+    assert got[-2:] == [["evt_1"], ["evt_2", "evt_3"]]
 
 
 async def test_a_literal_in_the_statement_and_python_defaults_are_applied(

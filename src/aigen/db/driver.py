@@ -29,19 +29,27 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from sqlalchemy import exc
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.sql import Executable
-from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.compiler import ExpandedState, SQLCompiler
+from sqlalchemy.types import TupleType
 
 from . import sqlite
 
 Params = Mapping[str, Any]
 _Processor = Callable[[Any], Any] | None
+# A positional parameter: its name, its type's processor, its value when the statement
+# itself gives one (a literal bound in the expression, `v + 1`), whether it is required.
+_Bind = tuple[str, _Processor, Any, bool]
+# An expanded `IN`'s SQL and, per placeholder, its parameter and the list's index (or -1).
+_Expansion = tuple[str, tuple[tuple[_Bind, str, int], ...]]
+# Expansions kept per plan: one per list length seen, a batch's size at most.
+_EXPANSIONS = 256
 # session.info: the transaction that `_driver` found the connection for, and it.
 _DRIVER = "aigen.driver"
 # (dialect, driver) of the engines this runs past SQLAlchemy: asyncpg, and SQLite through
@@ -102,36 +110,68 @@ async def execute(
 @dataclass(frozen=True, slots=True)
 class _Plan:
     sql: str
-    # Per positional parameter: its name, its type's processor, its value when the
-    # statement itself gives one (a literal bound in the expression, `v + 1`).
-    binds: tuple[tuple[str, _Processor, Any, bool], ...]
+    binds: tuple[_Bind, ...]
     expanding: bool
     compiled: SQLCompiler
     returns_rows: bool
     results: tuple[_Processor, ...]
     keys: tuple[str, ...]
+    # The list parameters of an `IN`, and whether their expansion is kept per lengths
+    # (not for a tuple `IN` or a value rendered into the SQL: those vary with the values).
+    lists: tuple[str, ...] = ()
+    by_length: bool = False
+    expansions: dict[tuple[int, ...], _Expansion] = field(default_factory=dict)
 
     def values(self, params: Params) -> tuple[list[Any], str]:
         if self.expanding:
-            # An `IN` over a list: its placeholders depend on the list's length.
+            return self._expanded(params)
+        return [_value(bind, params) for bind in self.binds], self.sql
+
+    def _expanded(self, params: Params) -> tuple[list[Any], str]:
+        """An `IN` over a list: its placeholders depend on the list's length, so the SQL
+        and the order of the values are kept per set of lengths (SQLAlchemy's expansion,
+        made once for each, cost 2–2.5 % of a process when made at every call)."""
+        lengths = None
+        if self.by_length and all(isinstance(params.get(n), list | tuple) for n in self.lists):
+            lengths = tuple(len(params[name]) for name in self.lists)
+        expansion = self.expansions.get(lengths) if lengths is not None else None
+        if expansion is None:
             state = self.compiled.construct_expanded_state(params, escape_names=False)
             processors = state.processors
             values = state.parameters
             assert state.positiontup is not None
+            if lengths is not None and len(self.expansions) < _EXPANSIONS:
+                self.expansions[lengths] = self._expansion(state)
             return [
                 processors[name](values[name]) if name in processors else values[name]
                 for name in state.positiontup
             ], state.statement
+        sql, places = expansion
         out = []
-        for name, processor, default, required in self.binds:
-            if name in params:
-                value = params[name]
-            elif required:
-                raise exc.ArgumentError(f"a value is required for bind parameter {name!r}")
+        for bind, name, index in places:
+            if index < 0:
+                out.append(_value(bind, params))
             else:
-                value = default
-            out.append(processor(value) if processor is not None else value)
-        return out, self.sql
+                processor = bind[1]
+                value = params[name][index]
+                out.append(processor(value) if processor is not None else value)
+        return out, sql
+
+    def _expansion(self, state: ExpandedState) -> _Expansion:
+        # Each placeholder of the expanded SQL: a plain parameter (index -1), or the
+        # index-th item of a list parameter, with the list's type processor.
+        binds = {bind[0]: bind for bind in self.binds}
+        items = {
+            item: (name, index)
+            for name, expanded in state.parameter_expansion.items()
+            for index, item in enumerate(expanded)
+        }
+        assert state.positiontup is not None
+        places = []
+        for item in state.positiontup:
+            name, index = items.get(item, (item, -1))
+            places.append((binds[name], name, index))
+        return state.statement, tuple(places)
 
     async def run(
         self, connection: AsyncConnection, driver: _Runner, rows: Sequence[Params]
@@ -174,6 +214,17 @@ class _Plan:
         return Rows(found, count, self.keys)
 
 
+def _value(bind: _Bind, params: Params) -> Any:
+    name, processor, default, required = bind
+    if name in params:
+        value = params[name]
+    elif required:
+        raise exc.ArgumentError(f"a value is required for bind parameter {name!r}")
+    else:
+        value = default
+    return processor(value) if processor is not None else value
+
+
 def _processed(record: Any, processors: tuple[_Processor, ...]) -> tuple[Any, ...]:
     return tuple(p(v) if p is not None else v for p, v in zip(processors, record, strict=True))
 
@@ -202,6 +253,10 @@ def _plan(statement: Any, keys: tuple[str, ...], dialect: Dialect, many: bool) -
     select = bool(statement.is_select)
     columns = list(statement.selected_columns) if select else list(returning or ())
     results = tuple(c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns)
+    lists = tuple(compiled.bind_names[bind] for bind in compiled.post_compile_params)
+    by_length = not compiled.literal_execute_params and not any(
+        isinstance(bind.type, TupleType) for bind in compiled.post_compile_params
+    )
     return _Plan(
         sql=compiled.string,
         binds=tuple(binds),
@@ -210,6 +265,8 @@ def _plan(statement: Any, keys: tuple[str, ...], dialect: Dialect, many: bool) -
         returns_rows=select or bool(returning),
         results=results,
         keys=tuple(str(c.key) for c in columns),
+        lists=lists,
+        by_length=by_length,
     )
 
 
