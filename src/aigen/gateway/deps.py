@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aigen.bootstrap import Deps
+from aigen.db.session import unit_of_work
 
 from .state import get_state
 
@@ -19,8 +20,7 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
     `scope="function"` below makes FastAPI run the commit before it sends the response, so a
     client never sees a 202 for a job whose transaction then failed.
     """
-    sessionmaker = get_state(request).deps.sessionmaker
-    async with sessionmaker() as session, session.begin():
+    async with unit_of_work(get_state(request).deps.sessionmaker) as session:
         yield session
 
 
