@@ -293,6 +293,10 @@ async def paced(
 
 
 PARTS = ("relay", "backend", "notifier", "worker", "api")
+# A latency run at a rate derived from the maximum "holds" it when the webhooks arrive
+# at this share of the rate offered, or faster.
+HELD = 0.9
+
 # What runs behind the workers; stopped while the workers alone drain a backlog.
 DOWNSTREAM = ("relay", "backend", "notifier")
 
@@ -414,7 +418,9 @@ async def pipeline(
             # Near a saturated 2-core machine's maximum the legs mostly queue for the CPU;
             # a run at half that rate shows better what the pipeline itself adds.
             runs = [(0, rate), (200, rate), (0, max(1.0, round(rate / 2)))]
-            for model_ms, offered in runs:
+            stepped_down = rate == plan.pipe_rate  # the rate is kept, held or not
+            while runs:
+                model_ms, offered = runs.pop(0)
                 meter = machine.CpuMeter(stack.procs)
                 sent = await open_loop(
                     client,
@@ -427,6 +433,20 @@ async def pipeline(
                     receiver, sent, model_ms=model_ms, timeout=plan.drain_seconds
                 )
                 label = f"{kind} {model_ms} ms @ {offered:.0f}/s"
+                held = result.jobs_per_s >= HELD * offered
+                if not stepped_down and not held and math.isfinite(result.jobs_per_s):
+                    # 80 % of a maximum taken over seconds can be more than the machine
+                    # gives in the minutes after; a latency behind a growing queue says
+                    # nothing of the pipeline, so the runs start again once, lower.
+                    stepped_down = True
+                    rate = max(1.0, round(0.8 * result.jobs_per_s))
+                    report.notes.append(
+                        f"{kind}: held {result.jobs_per_s:.0f} of the {offered:.0f} jobs/s "
+                        f"offered, so the latency runs offer {rate:.0f} jobs/s instead"
+                    )
+                    print(f"pipeline {label}: held {result.jobs_per_s:.0f} jobs/s; again lower")
+                    runs = [(0, rate), (200, rate), (0, max(1.0, round(rate / 2)))]
+                    continue
                 report.cpu[label] = meter.per_job(result.jobs - result.missing)
                 report.pipeline[label] = result
                 _print_e2e(label, result)
