@@ -205,10 +205,11 @@ async def unit_of_work(sessionmaker: Sessionmaker) -> AsyncIterator[AsyncSession
 
 async def _close(session: AsyncSession) -> None:
     # `async with session` closes in a task of its own, shielded, so that a cancel cannot
-    # cut a rollback short: a task and two turns of the loop per transaction, 7 % of an
-    # empty one's CPU. Once the transaction has ended (committed or rolled back), its
-    # connection is back in the pool and closing awaits nothing, so no cancel can land
-    # in it; only a transaction cut short itself still needs the shielded close.
+    # cut a rollback short: a task and two turns of the loop per transaction, about a
+    # tenth of a short one's CPU (BENCHMARKS.md, the seventeenth session). Once the
+    # transaction has ended (committed or rolled back), its connection is back in the
+    # pool and closing awaits nothing, so no cancel can land in it; only a transaction
+    # cut short itself still needs the shielded close.
     if session.in_transaction():
         await session.__aexit__(None, None, None)
     else:
