@@ -153,18 +153,18 @@ async def test_after_the_pause_the_process_publishes_its_events_again(
 ) -> None:
     monkeypatch.setattr(publisher_module, "PAUSE_SECONDS", 0.5)
     broker = BrokerDownDouble()
+
+    async def paused() -> bool:
+        return publisher_module._PUBLISHER not in sessionmaker.kw["info"]
+
+    async def back() -> bool:
+        return not await paused()
+
     async with publishing(sessionmaker, broker):
         async with unit_of_work(sessionmaker) as session:
             outbox.add(session, _canceled("job-1"))
+        await eventually(paused)  # its publish failed: the process stands aside
         broker.up = True
-
-        async def paused() -> bool:
-            return publisher_module._PUBLISHER not in sessionmaker.kw["info"]
-
-        async def back() -> bool:
-            return not await paused()
-
-        await eventually(paused)
         await eventually(back)
         async with unit_of_work(sessionmaker) as session:
             again = outbox.add(session, _canceled("job-2"))
