@@ -415,9 +415,7 @@ async def pipeline(
                     f"{kind}: cannot hold {plan.pipe_rate:.0f} jobs/s, so the latency runs "
                     f"offer {rate:.0f} jobs/s (80 % of its maximum)"
                 )
-            # Near a saturated 2-core machine's maximum the legs mostly queue for the CPU;
-            # a run at half that rate shows better what the pipeline itself adds.
-            runs = [(0, rate), (200, rate), (0, max(1.0, round(rate / 2)))]
+            runs = _latency_runs(rate)
             stepped_down = rate == plan.pipe_rate  # the issue's rate is kept, held or not
             while runs:
                 model_ms, offered = runs.pop(0)
@@ -445,7 +443,7 @@ async def pipeline(
                         f"offered, so the latency runs offer {rate:.0f} jobs/s instead"
                     )
                     print(f"pipeline {label}: held {result.jobs_per_s:.0f} jobs/s; again lower")
-                    runs = [(0, rate), (200, rate), (0, max(1.0, round(rate / 2)))]
+                    runs = _latency_runs(rate)
                     continue
                 report.cpu[label] = meter.per_job(result.jobs - result.missing)
                 report.pipeline[label] = result
@@ -459,6 +457,13 @@ async def pipeline(
         await client.aclose()
         await receiver.aclose()
         await asyncio.gather(*(p.stop() for p in stack.procs.values()))
+
+
+def _latency_runs(rate: float) -> list[tuple[int, float]]:
+    """(model ms, jobs/s) of the latency runs at `rate`. Near a saturated 2-core machine's
+    maximum the legs mostly queue for the CPU; a run at half that rate shows better what
+    the pipeline itself adds."""
+    return [(0, rate), (200, rate), (0, max(1.0, round(rate / 2)))]
 
 
 def _tails(stack: Stack) -> str:

@@ -47,7 +47,7 @@ _Processor = Callable[[Any], Any] | None
 # itself gives one (a literal bound in the expression, `v + 1`), whether it is required.
 _Bind = tuple[str, _Processor, Any, bool]
 # An expanded `IN`'s SQL and, per placeholder, its parameter and the list's index (or -1).
-_Expansion = tuple[str, tuple[tuple[_Bind, str, int], ...]]
+_Expansion = tuple[str, tuple[tuple[_Bind, int], ...]]
 # Expansions kept per plan: one per list length seen, a batch's size at most.
 _EXPANSIONS = 256
 # session.info: the transaction that `_driver` found the connection for, and it.
@@ -148,11 +148,11 @@ class _Plan:
             ], state.statement
         sql, places = expansion
         out = []
-        for bind, name, index in places:
+        for bind, index in places:
             if index < 0:
                 out.append(_value(bind, params))
             else:
-                processor = bind[1]
+                name, processor, _, _ = bind
                 value = params[name][index]
                 out.append(processor(value) if processor is not None else value)
         return out, sql
@@ -170,7 +170,7 @@ class _Plan:
         places = []
         for item in state.positiontup:
             name, index = items.get(item, (item, -1))
-            places.append((binds[name], name, index))
+            places.append((binds[name], index))
         return state.statement, tuple(places)
 
     async def run(
