@@ -416,7 +416,8 @@ async def pipeline(
                     f"offer {rate:.0f} jobs/s (80 % of its maximum)"
                 )
             runs = _latency_runs(rate)
-            stepped_down = rate == plan.pipe_rate  # the rate is kept, held or not
+            # Only the first run may step down, once; the rate is kept, held or not.
+            may_step_down = rate != plan.pipe_rate
             while runs:
                 model_ms, offered = runs.pop(0)
                 meter = machine.CpuMeter(stack.procs)
@@ -432,11 +433,11 @@ async def pipeline(
                 )
                 label = f"{kind} {model_ms} ms @ {offered:.0f}/s"
                 held = result.jobs_per_s >= HELD * offered
-                if not stepped_down and not held and math.isfinite(result.jobs_per_s):
+                if may_step_down and not held and math.isfinite(result.jobs_per_s):
                     # 80 % of a maximum taken over seconds can be more than the machine
                     # gives in the minutes after; a latency behind a growing queue says
                     # nothing of the pipeline, so the runs start again once, lower.
-                    stepped_down = True
+                    may_step_down = False
                     rate = max(1.0, round(0.8 * result.jobs_per_s))
                     report.notes.append(
                         f"{kind}: held {result.jobs_per_s:.0f} of the {offered:.0f} jobs/s "
@@ -445,6 +446,7 @@ async def pipeline(
                     print(f"pipeline {label}: held {result.jobs_per_s:.0f} jobs/s; again lower")
                     runs = _latency_runs(rate)
                     continue
+                may_step_down = False
                 report.cpu[label] = meter.per_job(result.jobs - result.missing)
                 report.pipeline[label] = result
                 _print_e2e(label, result)
