@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from aigen.aio import IDLE_POLL_MAX_SECONDS, IdlePoll, sleep_or_stop, wait_any
 from aigen.clock import utcnow
-from aigen.db import driver, notices
+from aigen.db import driver, notices, together
 from aigen.db.base import table, unleased
 from aigen.db.session import Sessionmaker, unit_of_work
 from aigen.models import OutboxMessage
@@ -59,17 +59,35 @@ async def add_many(session: AsyncSession, envelopes: Sequence[Envelope]) -> None
     """`add` for many events at once: one multi-row INSERT, at once (not at the flush)."""
     if not envelopes:
         return
-    now = utcnow()
     queue: TransactionalPublisher | None = session.info.get(_WRITE_THROUGH)
     if queue is not None:
         # The queue is in this database: its rows go in with the events', in this
         # transaction, and the events' rows are born sent (they stay for the event feed).
-        await driver.execute(session, _INSERT, [_row(e, sent_at=now) for e in envelopes])
+        rows = [_row(e, sent_at=utcnow()) for e in envelopes]
+        await driver.execute(session, _INSERT, rows)
         await queue.publish_in(session, envelopes)
         return
-    until = publisher.lease(session, now)
-    await driver.execute(session, _INSERT, [_row(e, until) for e in envelopes])
+    await together.write(session, [adding(session, envelopes)])
+    added(session, envelopes)
+
+
+def adding(session: AsyncSession, envelopes: Sequence[Envelope]) -> together.Write:
+    """`add_many`'s INSERT, for a caller that sends it with writes of its own
+    (`db.together`); once it has run, `added` hands the events on at the commit. Not for
+    a session whose events go into the embedded queue (`write_through`): `add_many`."""
+    assert session.info.get(_WRITE_THROUGH) is None, "write-through: use add_many"
+    until = publisher.lease(session, utcnow())
+    return _INSERT, [_row(e, until) for e in envelopes]
+
+
+def added(session: AsyncSession, envelopes: Sequence[Envelope]) -> None:
+    """The events of `adding`'s rows, written: published once the transaction commits."""
     _publish_on_commit(session, envelopes)
+
+
+def writes_through(session: AsyncSession) -> bool:
+    """Whether this session's events go into the embedded queue (`write_through`)."""
+    return session.info.get(_WRITE_THROUGH) is not None
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """The credit ledger (DESIGN §6): integers, append-only, balance == ledger sum.
 
 A job's money moves as `hold` (−worst case) when it is accepted (`lock_balances`, then
-`hold_many` for the jobs that fit), then either `release` (+hold) alone, or `release`
+`holding` for the jobs that fit), then either `release` (+hold) alone, or `release`
 (+hold) and `capture` (−actual, never above the hold) in the one transaction that
 applies its result. The unique (job, kind) index makes a second application fail
 instead of charging twice. Functions take the session first and never commit: the
@@ -17,7 +17,7 @@ from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aigen.clock import utcnow
-from aigen.db import driver
+from aigen.db import driver, together
 from aigen.db.base import table
 from aigen.errors import NotFound, PaymentRequired
 from aigen.models import Account, CreditEntry, Job
@@ -118,35 +118,30 @@ def short_of_credits(amount: int, balance: int) -> InsufficientCreditsError:
     )
 
 
-async def hold_many(session: AsyncSession, holds: Sequence[Hold]) -> None:
-    """Write the holds that the caller checked against `lock_balances` in this
-    transaction: one ledger row each, and one balance update per account."""
+def holding(holds: Sequence[Hold]) -> list[together.Write]:
+    """The writes of the holds that the caller checked against `lock_balances` in this
+    transaction: one ledger row each, and one balance update per account. The caller
+    sends them (`db.together.write`), with writes of its own."""
     if not holds:
-        return
+        return []
     now = utcnow()
-    await driver.execute(
-        session,
-        _ADD_ENTRIES,
-        [
-            {
-                "account_id": h.account_id,
-                "job_id": h.job_id,
-                "kind": "hold",
-                "amount": -h.amount,
-                "model": h.model,
-                "created_at": now,
-            }
-            for h in holds
-        ],
-    )
+    entries = [
+        {
+            "account_id": h.account_id,
+            "job_id": h.job_id,
+            "kind": "hold",
+            "amount": -h.amount,
+            "model": h.model,
+            "created_at": now,
+        }
+        for h in holds
+    ]
+    # One row per account: `together.write` changes each account's row once.
     totals: dict[str, int] = {}
     for h in holds:
         totals[h.account_id] = totals.get(h.account_id, 0) + h.amount
-    await driver.execute(
-        session,
-        _CHANGE_BALANCE,
-        [{"b_account": account_id, "b_delta": -total} for account_id, total in totals.items()],
-    )
+    balances = [{"b_account": account, "b_delta": -total} for account, total in totals.items()]
+    return [(_ADD_ENTRIES, entries), (_CHANGE_BALANCE, balances)]
 
 
 async def release(session: AsyncSession, job: Job) -> None:

@@ -33,7 +33,7 @@ from aigen.bus.messages import (
     Envelope,
 )
 from aigen.clock import utcnow
-from aigen.db import driver, notices
+from aigen.db import driver, notices, together
 from aigen.db.base import UTCDateTime, as_loaded, build, columns_of, one_of, table
 from aigen.errors import AppError, Conflict, NotFound, RateLimited
 from aigen.ids import new_id
@@ -199,29 +199,33 @@ async def create_many(
         outcomes.append(Accepted(job, count))
 
     if accepted:
-        await driver.execute(session, _INSERT_JOBS, [_columns(s.job) for s in accepted])
-        await outbox.add_many(
-            session,
-            [
-                Envelope.wrap(
-                    AIGenerationJobRequested(
-                        job_id=s.job.id,
-                        account_id=s.job.account_id,
-                        model=s.job.model,
-                        input=s.job.input,
-                    ),
-                    traceparent=s.traceparent,
-                )
-                for s in accepted
-            ],
-        )
-        await billing.hold_many(
-            session,
+        events = [
+            Envelope.wrap(
+                AIGenerationJobRequested(
+                    job_id=s.job.id,
+                    account_id=s.job.account_id,
+                    model=s.job.model,
+                    input=s.job.input,
+                ),
+                traceparent=s.traceparent,
+            )
+            for s in accepted
+        ]
+        holds = billing.holding(
             [
                 billing.Hold(s.job.account_id, s.job.id, s.job.credits_reserved, s.job.model)
                 for s in accepted
-            ],
+            ]
         )
+        jobs: together.Write = (_INSERT_JOBS, [_columns(s.job) for s in accepted])
+        if outbox.writes_through(session):
+            await together.write(session, [jobs, *holds])
+            await outbox.add_many(session, events)
+        else:
+            # The jobs, their events, the holds and the balances: one statement on
+            # PostgreSQL, where each was a round trip under the account's lock.
+            await together.write(session, [jobs, outbox.adding(session, events), *holds])
+            outbox.added(session, events)
     return outcomes
 
 

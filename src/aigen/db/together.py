@@ -1,0 +1,133 @@
+"""Writes that read nothing back, sent together: one statement on PostgreSQL.
+
+The API's intake writes four tables for a batch of jobs (the jobs, their events, the
+ledger's holds, the balances), each a multi-row statement of its own: four round trips
+of a transaction that holds the account's lock, and while it waits for each answer the
+API's loop serves the next requests, so under load each round trip waited for them too.
+Measured at 80 % of the accept path's maximum, the intake's transaction took about 10 ms
+for a batch of 12 jobs, most of it in the loop between its eight round trips
+(BENCHMARKS.md, the eighteenth session).
+
+`write` sends such writes as one statement on PostgreSQL: each becomes a data-modifying
+CTE whose rows come from `unnest` of one array per column, so that one statement (and one
+prepared statement on the server) serves every batch size. On SQLite, whose calls are
+not round trips, they run one after another, as before. On PostgreSQL they run on one
+snapshot: a foreign key from one write's rows to another's holds (it is checked at the
+end of the statement), but an UPDATE or DELETE does not see the rows that another write
+of the same call inserts or changes, so it must not be meant for them.
+
+A write is a statement and its rows (the driver's `executemany` shape):
+- a plain `insert(table)`, the rows naming the same columns, among them every column
+  with a Python-side default (the execution context that computes those is skipped);
+- an UPDATE or DELETE whose bound parameters take the rows' values. Each row must name
+  rows of its own: PostgreSQL's `UPDATE … FROM` changes a row once, whichever match
+  it takes (`billing.holding` sums an account's holds first, for this).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import func, insert, select
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql import visitors
+from sqlalchemy.sql.dml import Delete, Insert, Update
+from sqlalchemy.sql.elements import BindParameter, ColumnElement
+from sqlalchemy.sql.expression import bindparam
+
+from . import driver
+
+Statement = Insert | Update | Delete
+Write = tuple[Statement, Sequence[Mapping[str, Any]]]
+# (statement, the rows' keys) of each write, in order: what one combined statement is for.
+_Shape = tuple[tuple[Statement, tuple[str, ...]], ...]
+
+
+async def write(session: AsyncSession, writes: Sequence[Write]) -> None:
+    """Run `writes` (those with rows) in the session's transaction, in one statement on
+    PostgreSQL, one after another elsewhere."""
+    writes = [(statement, rows) for statement, rows in writes if rows]
+    if len(writes) > 1:
+        # Built (and checked) on every database, so that SQLite's tests see a misuse too.
+        combined = _combined(tuple((statement, tuple(rows[0])) for statement, rows in writes))
+        if session.get_bind().dialect.name == "postgresql":
+            params = {
+                _array(number, key): [row[key] for row in rows]
+                for number, (_, rows) in enumerate(writes)
+                for key in rows[0]
+            }
+            await driver.execute(session, combined, params)
+            return
+    for statement, rows in writes:
+        await driver.execute(session, statement, list(rows))
+
+
+def _array(number: int, key: str) -> str:
+    return f"w{number}_{key}"
+
+
+@functools.lru_cache(maxsize=64)
+def _combined(shape: _Shape) -> Statement:
+    """The writes as one statement: all but the last as CTEs of the last. Built once per
+    shape (few: the hot callers' writes, with or without the ones that had no rows)."""
+    parts = [_from_arrays(n, statement, keys) for n, (statement, keys) in enumerate(shape)]
+    *before, last = parts
+    return last.add_cte(*(part.cte(f"w{number}") for number, part in enumerate(before)))
+
+
+def _from_arrays(number: int, statement: Statement, keys: tuple[str, ...]) -> Statement:
+    """`statement` for a row per element of arrays named `w<number>_<key>`."""
+    if isinstance(statement, Insert):
+        table = statement.table
+        _check_plain_insert(statement, keys)
+        rows = _unnest(number, {key: table.c[key].type for key in keys})
+        return insert(table).from_select(
+            list(keys), select(*(rows.c[key] for key in keys)), include_defaults=False
+        )
+    binds: dict[str, BindParameter[Any]] = {}
+
+    def found(bind: BindParameter[Any]) -> None:
+        binds.setdefault(bind.key, bind)
+
+    visitors.traverse(statement, {}, {"bindparam": found})
+    if set(binds) != set(keys):
+        raise ValueError(f"the rows give {sorted(keys)}, the statement takes {sorted(binds)}")
+    rows = _unnest(number, {key: binds[key].type for key in keys})
+
+    def column(element: Any, **_: Any) -> ColumnElement[Any] | None:
+        # A bound parameter of the statement becomes the column of the row it comes from.
+        if isinstance(element, BindParameter) and element.key in binds:
+            found: ColumnElement[Any] = rows.c[element.key]
+            return found
+        return None
+
+    replaced = visitors.replacement_traverse(statement, {}, column)
+    assert isinstance(replaced, Insert | Update | Delete)
+    return replaced
+
+
+def _unnest(number: int, types: Mapping[str, Any]) -> Any:
+    """`unnest($1::type[], …) AS v<number>(key, …)`: a row per element of the arrays."""
+    arrays = [bindparam(_array(number, key), type_=_one_level(kind)) for key, kind in types.items()]
+    return func.unnest(*arrays).table_valued(*types).render_derived(name=f"v{number}")
+
+
+def _check_plain_insert(statement: Insert, keys: tuple[str, ...]) -> None:
+    if statement._values or statement._multi_values or statement._returning:
+        raise ValueError("a write's INSERT takes its values from its rows alone")
+    missing = [
+        column.key
+        for column in statement.table.columns
+        if column.default is not None and not column.default.is_sequence and column.key not in keys
+    ]
+    if missing:
+        raise ValueError(f"give the Python-side defaults of {missing}: they are not computed here")
+
+
+def _one_level(kind: Any) -> ARRAY[Any]:
+    # One dimension: a JSON value that is itself a list (`["a"]`) is one element, given to
+    # the item type's processor whole, not an array of its own.
+    return ARRAY(kind, dimensions=1)
