@@ -77,7 +77,7 @@ async def test_the_writes_give_the_rows_of_their_statements(sessionmaker: Sessio
     # Another offset, given to a UTC column: stored as the same instant.
     later = _AT.astimezone(timezone(timedelta(hours=2))) + timedelta(seconds=1)
     async with unit_of_work(sessionmaker) as session:
-        await together.write(
+        changed = await together.write(
             session,
             [
                 (_ADD_ACCOUNTS, [_account("acct_new", 7)]),
@@ -97,15 +97,25 @@ async def test_the_writes_give_the_rows_of_their_statements(sessionmaker: Sessio
                 (_ADD_ENTRIES, []),  # no rows: nothing to write
             ],
         )
+        # The last write's rows: the account's update found it.
+        missing = await together.write(
+            session,
+            [
+                (_ADD_ENTRIES, [_entry("acct_old", None, 1)]),
+                (_CHANGE_BALANCE, [{"b_account": "acct_none", "b_delta": 1}]),
+            ],
+        )
     async with sessionmaker() as session:
         jobs = {job.id: job for job in (await session.scalars(select(Job))).all()}
         balances = dict((await session.execute(select(Account.id, Account.balance))).all())
         entries = sorted(
-            (await session.execute(select(CreditEntry.job_id, CreditEntry.amount))).all()
+            (await session.execute(select(CreditEntry.job_id, CreditEntry.amount))).all(),
+            key=str,
         )
 
+    assert (changed, missing) == (1, 0)
     assert balances == {"acct_old": 95, "acct_new": 7}
-    assert entries == [("job_1", -5), ("job_2", -5)]
+    assert entries == [("job_1", -5), ("job_2", -5), (None, 1)]  # (sorted as text)
     first, second = jobs["job_1"], jobs["job_2"]
     assert first.input == {"prompt": "hi", "n": [1, 2]}
     assert first.meta == {"k": "v"}

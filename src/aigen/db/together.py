@@ -46,9 +46,10 @@ Write = tuple[Statement, Sequence[Mapping[str, Any]]]
 _Shape = tuple[tuple[Statement, tuple[str, ...]], ...]
 
 
-async def write(session: AsyncSession, writes: Sequence[Write]) -> None:
+async def write(session: AsyncSession, writes: Sequence[Write]) -> int:
     """Run `writes` (those with rows) in the session's transaction, in one statement on
-    PostgreSQL, one after another elsewhere."""
+    PostgreSQL, one after another elsewhere; returns how many rows the last one changed
+    (-1 when the driver does not say: several rows on SQLite)."""
     writes = [(statement, rows) for statement, rows in writes if rows]
     if len(writes) > 1:
         # Built (and checked) on every database, so that SQLite's tests see a misuse too.
@@ -59,10 +60,11 @@ async def write(session: AsyncSession, writes: Sequence[Write]) -> None:
                 for number, (_, rows) in enumerate(writes)
                 for key in rows[0]
             }
-            await driver.execute(session, combined, params)
-            return
+            return (await driver.execute(session, combined, params)).rowcount
+    count = 0
     for statement, rows in writes:
-        await driver.execute(session, statement, list(rows))
+        count = (await driver.execute(session, statement, list(rows))).rowcount
+    return count
 
 
 def _array(number: int, key: str) -> str:
@@ -95,7 +97,7 @@ def _from_arrays(number: int, statement: Statement, keys: tuple[str, ...]) -> St
     visitors.traverse(statement, {}, {"bindparam": found})
     if set(binds) != set(keys):
         raise ValueError(f"the rows give {sorted(keys)}, the statement takes {sorted(binds)}")
-    rows = _unnest(number, {key: binds[key].type for key in keys})
+    rows = _unnest(number, {key: _type_of(statement, binds[key]) for key in keys})
 
     def column(element: Any, **_: Any) -> ColumnElement[Any] | None:
         # A bound parameter of the statement becomes the column of the row it comes from.
@@ -107,6 +109,18 @@ def _from_arrays(number: int, statement: Statement, keys: tuple[str, ...]) -> St
     replaced = visitors.replacement_traverse(statement, {}, column)
     assert isinstance(replaced, Insert | Update | Delete)
     return replaced
+
+
+def _type_of(statement: Statement, bind: BindParameter[Any]) -> Any:
+    """The bound parameter's type, for its array; `values(column=bindparam(…))` leaves it
+    untyped, and its column says."""
+    if not bind.type._isnull:
+        return bind.type
+    table = statement.table
+    for column, value in (getattr(statement, "_values", None) or {}).items():
+        if value is bind:
+            return table.c[column if isinstance(column, str) else column.key].type
+    raise ValueError(f"give the parameter {bind.key!r} a type: its array needs one")
 
 
 def _unnest(number: int, types: Mapping[str, Any]) -> Any:

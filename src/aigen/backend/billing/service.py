@@ -156,21 +156,19 @@ async def release(session: AsyncSession, job: Job) -> None:
     )
 
 
-async def settle(session: AsyncSession, job: Job, *, price: int) -> int:
-    """Release the hold and capture the actual price, capped at the hold; returns it.
-
-    One balance update (by their sum), then the two ledger rows in one statement.
-    """
+def settling(job: Job, *, price: int) -> tuple[int, list[together.Write]]:
+    """The price to capture, capped at the hold, and the writes that settle the job:
+    the release of the hold and the capture in the ledger, then one balance update by
+    their sum, last, so that `together.write` counts its row (`settled` checks it)."""
     charged = _capped(job, price)
-    result = await driver.execute(
-        session,
-        _CHANGE_BALANCE,
-        {"b_account": job.account_id, "b_delta": job.credits_reserved - charged},
-    )
-    if result.rowcount != 1:
+    change = {"b_account": job.account_id, "b_delta": job.credits_reserved - charged}
+    return charged, [(_ADD_ENTRIES, _settlement_entries(job, charged)), (_CHANGE_BALANCE, [change])]
+
+
+def settled(job: Job, balances_changed: int) -> None:
+    """Raise unless `settling`'s balance update, written, found the job's account."""
+    if balances_changed != 1:
         raise AccountNotFoundError(f"no account {job.account_id}")
-    await driver.execute(session, _ADD_ENTRIES, _settlement_entries(job, charged))
-    return charged
 
 
 async def settle_many(session: AsyncSession, prices: Sequence[tuple[Job, int]]) -> list[int]:

@@ -633,13 +633,17 @@ async def apply_completed(
     )
     if job is None:
         return None
-    if message.assets:
-        await driver.execute(
-            session, _ADD_ASSETS, [_asset_row(job, asset) for asset in message.assets]
-        )
-    charge = price(job) if callable(price) else price
-    charged = await billing.settle(session, job, price=charge)
-    await driver.execute(session, _SET_CHARGED, {"job_id": job.id, "charged": charged})
+    charged, settling = billing.settling(job, price=price(job) if callable(price) else price)
+    # The assets, the charge and the settlement: one statement on PostgreSQL.
+    changed = await together.write(
+        session,
+        [
+            (_ADD_ASSETS, [_asset_row(job, asset) for asset in message.assets]),
+            (_SET_CHARGED, [{"job_id": job.id, "charged": charged}]),
+            *settling,
+        ],
+    )
+    billing.settled(job, changed)
     # The object in hand as stored now, without a second UPDATE at the flush.
     set_committed_value(job, "credits_charged", charged)
     return job
