@@ -63,8 +63,8 @@ async def add_many(session: AsyncSession, envelopes: Sequence[Envelope]) -> None
     if queue is not None:
         # The queue is in this database: its rows go in with the events', in this
         # transaction, and the events' rows are born sent (they stay for the event feed).
-        rows = [_row(e, sent_at=utcnow()) for e in envelopes]
-        await driver.execute(session, _INSERT, rows)
+        now = utcnow()
+        await driver.execute(session, _INSERT, [_row(e, sent_at=now) for e in envelopes])
         await queue.publish_in(session, envelopes)
         return
     await together.write(session, [adding(session, envelopes)])
