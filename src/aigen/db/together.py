@@ -49,7 +49,8 @@ _Shape = tuple[tuple[Statement, tuple[str, ...]], ...]
 async def write(session: AsyncSession, writes: Sequence[Write]) -> int:
     """Run `writes` (those with rows) in the session's transaction, in one statement on
     PostgreSQL, one after another elsewhere; returns how many rows the last one changed
-    (-1 when the driver does not say: several rows on SQLite)."""
+    (-1 when the driver does not say: a last write of several rows run on its own, as
+    the driver's `executemany`)."""
     writes = [(statement, rows) for statement, rows in writes if rows]
     if len(writes) > 1:
         # Built (and checked) on every database, so that SQLite's tests see a misuse too.
