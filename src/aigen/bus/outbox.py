@@ -75,7 +75,7 @@ def adding(session: AsyncSession, envelopes: Sequence[Envelope]) -> together.Wri
     """`add_many`'s INSERT, for a caller that sends it with writes of its own
     (`db.together`); once it has run, `added` hands the events on at the commit. Not for
     a session whose events go into the embedded queue (`write_through`): `add_many`."""
-    assert session.info.get(_WRITE_THROUGH) is None, "write-through: use add_many"
+    assert not writes_through(session), "write-through: use add_many"
     until = publisher.lease(session, utcnow())
     return _INSERT, [_row(e, until) for e in envelopes]
 
