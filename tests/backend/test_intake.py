@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, select, text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from aigen.backend.account import service as account_service
 from aigen.backend.billing import service as billing
 from aigen.backend.job import service as job_service
+from aigen.backend.key import service as key_service
 from aigen.backend.principal import Principal
-from aigen.db.session import unit_of_work
+from aigen.db.session import Sessionmaker, unit_of_work
 from aigen.errors import AppError
 from aigen.gateway.intake import Intake
 from aigen.models import Job, OutboxMessage
@@ -134,3 +139,62 @@ async def test_an_unreachable_database_fails_the_batch_and_the_jobs_behind_it(
     assert all(isinstance(r, ConnectionResetError) for r in results)
     # The five queued behind were not tried one timeout later: they failed with the first.
     assert tried == [1]
+
+
+# PostgreSQL's generic plans: the test runs on PostgreSQL only.
+@pytest.mark.parametrize(
+    "database_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+)
+async def test_the_concurrency_count_reads_a_keys_active_jobs_not_its_history(
+    engine: AsyncEngine, sessionmaker: Sessionmaker
+) -> None:
+    """After months of use a key has many ended jobs and a few active ones: the count the
+    intake makes under the account's lock, for every batch, must read the few. On
+    PostgreSQL, on the plan it runs on: asyncpg prepares its statements, and PostgreSQL
+    runs a prepared statement on a generic plan (parameters unknown) after its fifth run."""
+    async with unit_of_work(sessionmaker) as session:
+        account = await account_service.create(session, "old customer", credits=10)
+        key, _ = await key_service.create(session, account_id=account.id, secret="s" * 48)
+    ended, active = 20_000, 3
+    async with engine.begin() as connection:
+        for status, count in (("succeeded", ended), ("pending", active - 1), ("processing", 1)):
+            await connection.execute(
+                text(
+                    "INSERT INTO jobs (id, account_id, api_key_id, model, task, input, status,"
+                    " attempt, credits_reserved, created_at, updated_at)"
+                    " SELECT :status || g, :account, :key, 'm', 'text', '{}', :status, 1, 1,"
+                    " now(), now() FROM generate_series(1, :count) g"
+                ),
+                {"status": status, "account": account.id, "key": key.id, "count": count},
+            )
+        await connection.execute(text("ANALYZE jobs"))  # what autovacuum does in production
+    compiled = job_service._ACTIVE_PER_KEY.compile(dialect=engine.dialect)
+    expanded = compiled.construct_expanded_state({"ids": [key.id]})
+    # The statement's parameters, in order, as literals of EXECUTE (our own names and ids).
+    arguments = ", ".join(f"'{value}'" for value in expanded.positional_parameters)
+
+    async with engine.connect() as connection:
+        raw = (await connection.get_raw_connection()).driver_connection
+        assert raw is not None
+        await raw.execute("SET plan_cache_mode = force_generic_plan")
+        await raw.execute(f"PREPARE count_active AS {expanded.statement}")
+        run = f"EXECUTE count_active({arguments})"
+        plan = await raw.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {run}")
+        if isinstance(plan, str):  # without the JSON codec the pool's connections carry
+            plan = json.loads(plan)
+        counted = await raw.fetch(run)
+
+    assert [tuple(row) for row in counted] == [(key.id, active)]
+    nodes = list(_plan_nodes(plan[0]["Plan"]))
+    read = sum(n["Actual Rows"] * n["Actual Loops"] for n in nodes if "Scan" in n["Node Type"])
+    thrown_away = sum(
+        n.get("Rows Removed by Filter", 0) + n.get("Rows Removed by Index Recheck", 0)
+        for n in nodes
+    )
+    assert (read, thrown_away) == (active, 0), plan
+
+
+def _plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield node
+    for child in node.get("Plans", []):
+        yield from _plan_nodes(child)
