@@ -29,6 +29,9 @@ from aigen.bus.rabbitmq import RabbitMQBroker
 from aigen.db.migrate import upgrade
 from aigen.db.session import create_engine, create_sessionmaker, unit_of_work
 
+from . import vacuum
+from .vacuum import Autovacuum
+
 POSTGRES_URL = os.environ.get(
     "AIGEN_BENCH_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
 )
@@ -131,6 +134,8 @@ class Resources:
     secret: str = field(default_factory=lambda: secrets.token_urlsafe(48))
     databases: list[str] = field(default_factory=list)
     processes: list[Proc] = field(default_factory=list)
+    # Autovacuum's work on each database, where the server's autovacuum is off (vacuum.py).
+    vacuums: list[Autovacuum] = field(default_factory=list)
     keep: bool = False
 
     @property
@@ -152,6 +157,9 @@ class Resources:
         name = f"aigen_bench_{self.tag}_{suffix}"
         url = await scratch.create_database(POSTGRES_URL, name)
         self.databases.append(name)
+        if not await vacuum.server_runs_it(url):
+            self.vacuums.append(Autovacuum(url))
+            self.vacuums[-1].start()
         return url
 
     # Environments ------------------------------------------------------------------
@@ -223,6 +231,7 @@ class Resources:
 
     async def aclose(self) -> None:
         await asyncio.gather(*(proc.stop() for proc in self.processes if proc.running))
+        await asyncio.gather(*(v.stop() for v in self.vacuums))
         for name in self.databases:
             await scratch.drop_database(POSTGRES_URL, name)
         await self.clear_rabbitmq()

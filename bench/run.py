@@ -803,6 +803,7 @@ async def main_async(options: argparse.Namespace) -> Report:
                 )
     finally:
         await res.aclose()
+    report.notes.extend(v.note() for v in res.vacuums)
     for path in sorted(res.root.glob("profile-*.txt")) if options.profile else []:
         report.libraries[path.stem.removeprefix("profile-")] = libraries(path)
     return report
