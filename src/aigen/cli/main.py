@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
+import structlog
 import typer
 
 from aigen import logs, runtime
 from aigen.bootstrap import build_deps
 from aigen.config import Environment, Settings
-from aigen.db.migrate import upgrade
+from aigen.db.migrate import autovacuum_off, upgrade
 from aigen.db.session import create_engine
 
 from . import admin, demo
 from .common import load_settings, run
+
+log = structlog.get_logger(__name__)
 
 app = typer.Typer(
     help="aigen: a self-hostable asynchronous AI generation API.",
@@ -36,6 +39,13 @@ async def _migrate(settings: Settings) -> None:
     engine = create_engine(settings.database_url)
     try:
         await upgrade(engine)
+        if await autovacuum_off(engine):
+            log.warning(
+                "db.autovacuum_off",
+                hint="turn PostgreSQL's autovacuum on (its default): without it the tables "
+                "are never analyzed, the plans of aigen's statements stay those of empty "
+                "tables, and every job costs more as the tables grow",
+            )
     finally:
         await engine.dispose()
 

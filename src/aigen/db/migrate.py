@@ -6,6 +6,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -33,3 +34,17 @@ async def upgrade(engine: AsyncEngine) -> None:
     url = engine.url.render_as_string(hide_password=False)
     async with engine.begin() as connection:
         await connection.run_sync(_upgrade_on, url)
+
+
+async def autovacuum_off(engine: AsyncEngine) -> bool:
+    """Whether the PostgreSQL server of `engine` runs without autovacuum.
+
+    Then no table is ever analyzed, and the plans that PostgreSQL keeps for aigen's
+    prepared statements (asyncpg prepares every one; after its fifth run a statement
+    runs on a generic plan, made from the tables' statistics) stay those of tables that
+    held a page: sequential scans, which read more rows with every job the database
+    gains (BENCHMARKS.md, the nineteenth session)."""
+    if engine.dialect.name != "postgresql":
+        return False
+    async with engine.connect() as connection:
+        return (await connection.execute(text("SHOW autovacuum"))).scalar() == "off"
