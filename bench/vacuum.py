@@ -16,7 +16,8 @@ So when `SHOW autovacuum` is off, `Autovacuum` does what it would: a table is an
 once 50 rows plus 10 % of it changed since it last was, and vacuumed once 50 rows plus
 20 % of it are dead (autovacuum's default thresholds), checked every `NAPTIME` seconds.
 Autovacuum's own default is a minute, for databases that live months; the bench's live
-minutes, from empty. Its work runs in PostgreSQL, so its CPU counts in PostgreSQL's
+minutes, from empty. Its VACUUMs are throttled as autovacuum's are (a 2 ms sleep per
+200 units of cost), and its work runs in PostgreSQL, so its CPU counts in PostgreSQL's
 share of a job, as autovacuum's would.
 """
 
@@ -89,6 +90,9 @@ class Autovacuum:
         async with engine.connect() as connection:
             # VACUUM cannot run inside a transaction block.
             await connection.execution_options(isolation_level="AUTOCOMMIT")
+            # Throttled as autovacuum is (autovacuum_vacuum_cost_delay); a VACUUM run by
+            # hand is not, and would take the CPU from the jobs in bursts.
+            await connection.execute(text("SET vacuum_cost_delay = '2ms'"))
             for table, vacuum, analyze in (await connection.execute(_DUE)).all():
                 if vacuum:
                     await connection.execute(text(f'VACUUM (ANALYZE) "{table}"'))
