@@ -9,8 +9,8 @@ run) stay the plans it made while the tables were nearly empty: sequential scans
 read every row the database gained since. The dead rows of every update stay in the
 tables and their indexes as well. A run's cost per job then grows with the jobs its
 database holds, which no server with autovacuum on shows: in the nineteenth session's
-runs the production stack spent a third more CPU per job at 100 jobs/s after its 20 s
-at the maximum (BENCHMARKS.md).
+runs the production stack at 100 jobs/s, after its 20 s at the maximum, spent about a
+fifth more CPU per job than with this module's work done (BENCHMARKS.md).
 
 So when `SHOW autovacuum` is off, `Autovacuum` does what it would: a table is analyzed
 once 50 rows plus 10 % of it changed since it last was, and vacuumed once 50 rows plus

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +19,7 @@ from aigen.db.session import Sessionmaker, unit_of_work
 from aigen.errors import AppError
 from aigen.gateway.intake import Intake
 from aigen.models import Job, OutboxMessage
+from aigen.models.job import COMPLETED, PENDING, PROCESSING
 from tests.fixtures.platform import Api
 
 
@@ -157,7 +157,7 @@ async def test_the_concurrency_count_reads_a_keys_active_jobs_not_its_history(
         key, _ = await key_service.create(session, account_id=account.id, secret="s" * 48)
     ended, active = 20_000, 3
     async with engine.begin() as connection:
-        for status, count in (("succeeded", ended), ("pending", active - 1), ("processing", 1)):
+        for status, count in ((COMPLETED, ended), (PENDING, active - 1), (PROCESSING, 1)):
             await connection.execute(
                 text(
                     "INSERT INTO jobs (id, account_id, api_key_id, model, task, input, status,"
@@ -179,10 +179,9 @@ async def test_the_concurrency_count_reads_a_keys_active_jobs_not_its_history(
         await raw.execute("SET plan_cache_mode = force_generic_plan")
         await raw.execute(f"PREPARE count_active AS {expanded.statement}")
         run = f"EXECUTE count_active({arguments})"
-        plan = await raw.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {run}")
-        if isinstance(plan, str):  # without the JSON codec the pool's connections carry
-            plan = json.loads(plan)
+        plan = await raw.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {run}")  # JSON, decoded
         counted = await raw.fetch(run)
+        await raw.execute("DEALLOCATE count_active; RESET plan_cache_mode")
 
     assert [tuple(row) for row in counted] == [(key.id, active)]
     nodes = list(_plan_nodes(plan[0]["Plan"]))
