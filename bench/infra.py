@@ -157,7 +157,7 @@ class Resources:
         name = f"aigen_bench_{self.tag}_{suffix}"
         url = await scratch.create_database(POSTGRES_URL, name)
         self.databases.append(name)
-        if not await vacuum.server_runs_it(url):
+        if await vacuum.needed(url):
             self.vacuums.append(Autovacuum(url))
             self.vacuums[-1].start()
         return url

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from aigen.db.migrate import autovacuum_off
 from aigen.db.session import create_engine
 
 NAPTIME = 5.0
@@ -45,12 +46,12 @@ _DUE = text(
 )
 
 
-async def server_runs_it(database_url: str) -> bool:
-    """Whether the server's own autovacuum is on."""
+async def needed(database_url: str) -> bool:
+    """Whether the server of `database_url` runs without autovacuum (what `aigen
+    migrate` warns of)."""
     engine = create_engine(database_url)
     try:
-        async with engine.connect() as connection:
-            return bool((await connection.execute(text("SHOW autovacuum"))).scalar() == "on")
+        return await autovacuum_off(engine)
     finally:
         await engine.dispose()
 
