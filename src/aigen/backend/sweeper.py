@@ -9,6 +9,8 @@
   It fails, refunded in full, and the failure is announced (webhook, events feed); a
   result that still arrives later is stale and changes nothing.
 - Idempotency keys past their 24 h are deleted.
+- Consumers' inbox rows of events older than a week are deleted (`bus.inbox`): three a
+  job, which a long-running deployment would otherwise keep for ever.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aigen.aio import sleep_or_stop
+from aigen.bus import inbox
 from aigen.clock import utcnow
 from aigen.db.session import Sessionmaker, unit_of_work
 from aigen.models import Job
@@ -36,6 +39,12 @@ log = structlog.get_logger(__name__)
 
 BATCH = 100
 PURGE_EVERY_SECONDS = 300.0
+# A redelivered event comes within minutes of its first delivery (`bus.inbox`): a week
+# is room to spare for an outage of the broker or of a consumer.
+INBOX_RETENTION = timedelta(days=7)
+# Inbox rows deleted per consumer and statement: a short transaction, however far
+# behind the sweep is. A sweep that deletes a full batch sweeps again at its next turn.
+INBOX_BATCH = 1000
 
 
 async def expire_overdue(sessionmaker: Sessionmaker, *, batch: int = BATCH) -> int:
@@ -108,6 +117,28 @@ async def purge_idempotency_keys(sessionmaker: Sessionmaker) -> int:
         return await idempotency_service.purge_expired(session)
 
 
+async def purge_inbox(
+    sessionmaker: Sessionmaker,
+    *,
+    older_than: timedelta = INBOX_RETENTION,
+    batch: int = INBOX_BATCH,
+) -> int:
+    """Delete up to `batch` inbox rows per consumer of events older than `older_than`,
+    each consumer's in a transaction of its own; returns the most one consumer lost, so
+    that `batch` means more may be left."""
+    before = utcnow() - older_than
+    async with sessionmaker() as session:
+        names = await inbox.consumers(session)
+    most = 0
+    for name in names:
+        async with unit_of_work(sessionmaker) as session:
+            purged = await inbox.purge(session, name, before=before, limit=batch)
+        if purged:
+            log.info("sweeper.inbox_purged", consumer=name, rows=purged)
+        most = max(most, purged)
+    return most
+
+
 async def run(
     sessionmaker: Sessionmaker,
     stop: asyncio.Event,
@@ -116,7 +147,7 @@ async def run(
     lost_after: float,
 ) -> None:
     """Sweep every `interval` seconds until `stop`; an error is logged and retried."""
-    purged_at = 0.0
+    purged_at = inbox_purged_at = 0.0
     while not stop.is_set():
         try:
             while await expire_overdue(sessionmaker) == BATCH and not stop.is_set():
@@ -128,6 +159,11 @@ async def run(
             if time.monotonic() - purged_at >= PURGE_EVERY_SECONDS:
                 await purge_idempotency_keys(sessionmaker)
                 purged_at = time.monotonic()
+            if time.monotonic() - inbox_purged_at >= PURGE_EVERY_SECONDS:
+                # A backlog (the first sweep after an upgrade) goes a batch a turn,
+                # between the jobs' own sweeps.
+                behind = await purge_inbox(sessionmaker, batch=INBOX_BATCH) >= INBOX_BATCH
+                inbox_purged_at = 0.0 if behind else time.monotonic()
         except Exception:
             log.exception("sweeper.failed")
         await sleep_or_stop(stop, interval)

@@ -1,17 +1,26 @@
-"""Consumer-side deduplication: an event is applied once per consumer, by its id."""
+"""Consumer-side deduplication: an event is applied once per consumer, by its id.
+
+A row is needed only while its event can still come again: a redelivery after a crash
+between a consumer's commit and its ack, or a relay's second publication of a row it had
+sent but not marked. Both come within minutes, so the backend's sweeper deletes the rows
+of events older than a week (`purge`), a batch at a time, by the range of the key that
+time-ordered event ids (`ids.new_event_id`) give them.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, bindparam, select
+from sqlalchemy import ColumnElement, Select, bindparam, delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aigen.clock import utcnow
 from aigen.db import driver
 from aigen.db.base import insert_or_skip, table
 from aigen.db.session import is_postgres
+from aigen.ids import event_id_floor
 from aigen.models import InboxMessage
 
 _TABLE = table(InboxMessage)
@@ -123,3 +132,44 @@ async def _record(
 def unrecorded_params(consumer: str, event_id: str) -> dict[str, str]:
     """The parameters of `UNRECORDED` for one consumer's event."""
     return {"inbox_consumer": consumer, "inbox_event_id": event_id}
+
+
+async def consumers(session: AsyncSession) -> list[str]:
+    """The consumers that have rows: one step of the key's index each (the least name
+    after the last), where a `DISTINCT` would read every row."""
+    found: list[str] = []
+    while True:
+        after = found[-1] if found else ""
+        name = (await driver.execute(session, _NEXT_CONSUMER, {"after": after})).scalar()
+        if name is None:
+            return found
+        found.append(name)
+
+
+async def purge(session: AsyncSession, consumer: str, *, before: datetime, limit: int) -> int:
+    """Delete up to `limit` of `consumer`'s rows of events made and applied before
+    `before`, the oldest first; returns how many.
+
+    The event's id bounds the range of the key to read (ids made before `before` sort
+    below its floor); the time it was applied is checked too, so that a row keyed by an
+    id that is not time-ordered (a random one, from before event ids were) is deleted
+    only once it is as old, and most such rows lie above the floor and are kept."""
+    params = {"consumer": consumer, "floor": event_id_floor(before), "before": before}
+    return (await driver.execute(session, _PURGE, {**params, "limit": limit})).rowcount
+
+
+_NEXT_CONSUMER = select(func.min(_TABLE.c.consumer)).where(_TABLE.c.consumer > bindparam("after"))
+_OLDEST = (
+    select(_TABLE.c.event_id)
+    .where(
+        _TABLE.c.consumer == bindparam("consumer"),
+        _TABLE.c.event_id < bindparam("floor"),
+        _TABLE.c.processed_at < bindparam("before"),
+    )
+    .order_by(_TABLE.c.event_id)
+    .limit(bindparam("limit"))
+)
+_PURGE = delete(_TABLE).where(
+    _TABLE.c.consumer == bindparam("consumer"),
+    _TABLE.c.event_id.in_(_OLDEST.scalar_subquery()),
+)

@@ -6,12 +6,12 @@
 from __future__ import annotations
 
 import json
-import uuid
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
 from aigen.clock import utcnow
+from aigen.ids import new_event_id
 
 SOURCE = "aigen"
 
@@ -93,7 +93,8 @@ class Envelope:
 
     type: str
     data: dict[str, Any]
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Time-ordered (`ids.new_event_id`): the inbox and outbox keys go in at their end.
+    id: str = field(default_factory=new_event_id)
     time: datetime = field(default_factory=utcnow)
     source: str = SOURCE
     # W3C `traceparent`, carried so one job can be followed from POST to webhook.
