@@ -17,7 +17,7 @@ from sqlalchemy import ColumnElement, Select, bindparam, delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aigen.clock import utcnow
-from aigen.db import driver
+from aigen.db import driver, together
 from aigen.db.base import insert_or_skip, table
 from aigen.db.session import is_postgres
 from aigen.ids import event_id_floor
@@ -39,6 +39,8 @@ def _recording(values: Select[Any] | None = None) -> dict[bool, Any]:
 # Built once, with bound parameters: every consumer runs this for every event, and
 # building the statement anew (and its cache key) cost twice what executing it does.
 _RECORD = _recording()
+# Several rows on PostgreSQL: from arrays, one statement on the driver (`db.together`).
+_RECORD_ARRAYS = _recording(together.rows_of_arrays(_TABLE, _COLUMNS))[True]
 # A condition for a statement of the consumer's own (the worker's claim): true while
 # the consumer has not recorded the event, with the parameters of `unrecorded_params`.
 UNRECORDED = ~(
@@ -70,7 +72,11 @@ async def first_time_many(
         return set()
     now = utcnow()
     rows = [{"consumer": consumer, "event_id": e, "processed_at": now} for e in event_ids]
-    return set((await driver.execute(session, _RECORD[is_postgres(session)], rows)).scalars())
+    if is_postgres(session) and len(rows) > 1:
+        recorded = await driver.execute(session, _RECORD_ARRAYS, together.arrays(rows))
+    else:
+        recorded = await driver.execute(session, _RECORD[is_postgres(session)], rows)
+    return set(recorded.scalars())
 
 
 async def recorded(session: AsyncSession, consumer: str, event_ids: Sequence[str]) -> set[str]:

@@ -17,7 +17,7 @@ from sqlalchemy import ColumnElement, and_, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aigen.clock import utcnow
-from aigen.db import driver
+from aigen.db import driver, together
 from aigen.db.base import as_loaded, insert_or_skip, table
 from aigen.db.session import is_postgres
 from aigen.errors import NotFound
@@ -94,7 +94,11 @@ async def enqueue_many(
     every = [row for event_rows in rows for row in event_rows]
     if not every:
         return [[] for _ in events]
-    made = set((await driver.execute(session, _INSERT[is_postgres(session)], every)).scalars())
+    if is_postgres(session) and len(every) > 1:
+        inserted = await driver.execute(session, _INSERT_ARRAYS, together.arrays(every))
+    else:
+        inserted = await driver.execute(session, _INSERT[is_postgres(session)], every)
+    made = set(inserted.scalars())
     # The rows as inserted, in the session as if loaded: no second read, and not the
     # ORM's bulk INSERT, which cost 8 % of the notifier's CPU by itself.
     return [
@@ -151,7 +155,20 @@ _ENABLED_ENDPOINTS = (
 )
 # Built once (see `db.base.table`); the ids of the rows made (not those already there).
 _DELIVERIES = table(WebhookDelivery)
-_INSERT = insert_or_skip(_DELIVERIES, ["job_id", "event_type", "target"], _DELIVERIES.c.id)
+_CONFLICT = ["job_id", "event_type", "target"]
+_INSERT = insert_or_skip(_DELIVERIES, _CONFLICT, _DELIVERIES.c.id)
+# Several rows on PostgreSQL: from arrays, one statement on the driver (`db.together`).
+# The columns are those `_rows` gives, in its order.
+_KEYS = (
+    *("id", "account_id", "endpoint_id", "job_id", "event_type", "target", "url", "status"),
+    *("attempts", "next_attempt_at", "leased_until", "created_at", "delivered_at"),
+)
+_INSERT_ARRAYS = insert_or_skip(
+    _DELIVERIES,
+    _CONFLICT,
+    _DELIVERIES.c.id,
+    from_select=(_KEYS, together.rows_of_arrays(_DELIVERIES, _KEYS)),
+)[True]
 
 
 async def redeliver(

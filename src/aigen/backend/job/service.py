@@ -589,8 +589,8 @@ def running_params(job_id: str, attempt: int) -> dict[str, Any]:
 
 async def running_attempts(session: AsyncSession, job_ids: Sequence[str]) -> dict[str, int]:
     """The attempt now processing of each of `job_ids` that is processing."""
-    rows = await session.execute(_RUNNING_ATTEMPTS, {"job_ids": list(job_ids)})
-    return {job_id: attempt for job_id, attempt in rows}
+    rows = await driver.execute(session, _RUNNING_ATTEMPTS, {"job_ids": list(job_ids)})
+    return {job_id: attempt for job_id, attempt in rows.all()}
 
 
 _RUNNING_ATTEMPTS = select(_JOBS.c.id, _JOBS.c.attempt).where(
