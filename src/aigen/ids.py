@@ -17,10 +17,10 @@ def new_event_id() -> str:
     """A UUID version 7 (RFC 9562) as 32 lowercase hex digits: 48 bits of Unix
     milliseconds, the version, 74 random bits and the variant.
 
-    Every consumer's inbox row and every outbox row is keyed by its event's id. Ordered
-    by time, the rows of one consumer go in at the end of its key's index, not at random
-    places through all of it, and the old ones lie in one range of it, which the
-    retention sweep deletes by that range (`bus.inbox.purge`). (Python 3.14 has
+    Every consumer's inbox row is keyed by its event's id, and every outbox row has it in
+    a unique index. Ordered by time, new rows go in at the end of those indexes, not at
+    random places through all of them, and a consumer's old rows lie in one range of its
+    key, which the retention sweep deletes by that range (`bus.inbox.purge`). (Python 3.14 has
     `uuid.uuid7`; this is the same layout, written out for 3.11.)
     """
     random = int.from_bytes(secrets.token_bytes(10))  # 80 bits, 74 of them used

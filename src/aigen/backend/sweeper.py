@@ -124,8 +124,8 @@ async def purge_inbox(
     batch: int = INBOX_BATCH,
 ) -> int:
     """Delete up to `batch` inbox rows per consumer of events older than `older_than`,
-    each consumer's in a transaction of its own; returns the most one consumer lost, so
-    that `batch` means more may be left."""
+    each consumer's in a transaction of its own; returns the most rows deleted for one
+    consumer, so that `batch` means more may be left."""
     before = utcnow() - older_than
     async with sessionmaker() as session:
         names = await inbox.consumers(session)
@@ -160,8 +160,8 @@ async def run(
                 await purge_idempotency_keys(sessionmaker)
                 purged_at = time.monotonic()
             if time.monotonic() - inbox_purged_at >= PURGE_EVERY_SECONDS:
-                # A backlog (the first sweep after an upgrade) goes a batch a turn,
-                # between the jobs' own sweeps.
+                # More than a batch to delete (five minutes of a busy deployment, or a
+                # backlog) goes a batch a turn, between the jobs' own sweeps.
                 behind = await purge_inbox(sessionmaker, batch=INBOX_BATCH) >= INBOX_BATCH
                 inbox_purged_at = 0.0 if behind else time.monotonic()
         except Exception:

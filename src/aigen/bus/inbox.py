@@ -1,8 +1,9 @@
 """Consumer-side deduplication: an event is applied once per consumer, by its id.
 
 A row is needed only while its event can still come again: a redelivery after a crash
-between a consumer's commit and its ack, or a relay's second publication of a row it had
-sent but not marked. Both come within minutes, so the backend's sweeper deletes the rows
+between a consumer's commit and its ack (at once, when its channel closes), or a relay's
+second publication of a row it had sent but not marked (after a lease of seconds). Both
+come within minutes, so the backend's sweeper deletes the rows
 of events older than a week (`purge`), a batch at a time, by the range of the key that
 time-ordered event ids (`ids.new_event_id`) give them.
 """
