@@ -3,9 +3,9 @@
 A row is needed only while its event can still come again: a redelivery after a crash
 between a consumer's commit and its ack (at once, when its channel closes), or a relay's
 second publication of a row it had sent but not marked (after a lease of seconds). Both
-come within minutes, so the backend's sweeper deletes the rows
-of events older than a week (`purge`), a batch at a time, by the range of the key that
-time-ordered event ids (`ids.new_event_id`) give them.
+come within minutes, so the backend's sweeper deletes the rows of events older than a
+week (`purge`), a batch at a time, by the range of the key that time-ordered event ids
+(`ids.new_event_id`) give them.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import Select, Table, func, insert, select
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql import visitors
@@ -68,7 +68,7 @@ async def write(session: AsyncSession, writes: Sequence[Write]) -> int:
     return count
 
 
-def rows_of_arrays(table: Any, keys: Sequence[str]) -> Any:
+def rows_of_arrays(table: Table, keys: Sequence[str]) -> Select[Any]:
     """`SELECT` of a row per element of one array per column (`unnest`, PostgreSQL), for
     a multi-row `INSERT … SELECT … RETURNING` with `arrays(rows)` as its parameters.
 

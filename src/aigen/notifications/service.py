@@ -157,11 +157,22 @@ _ENABLED_ENDPOINTS = (
 _DELIVERIES = table(WebhookDelivery)
 _CONFLICT = ["job_id", "event_type", "target"]
 _INSERT = insert_or_skip(_DELIVERIES, _CONFLICT, _DELIVERIES.c.id)
-# Several rows on PostgreSQL: from arrays, one statement on the driver (`db.together`).
-# The columns are those `_rows` gives, in its order.
+# Several rows on PostgreSQL: from arrays, one statement on the driver (`db.together`),
+# of the columns that `_rows` gives.
 _KEYS = (
-    *("id", "account_id", "endpoint_id", "job_id", "event_type", "target", "url", "status"),
-    *("attempts", "next_attempt_at", "leased_until", "created_at", "delivered_at"),
+    "id",
+    "account_id",
+    "endpoint_id",
+    "job_id",
+    "event_type",
+    "target",
+    "url",
+    "status",
+    "attempts",
+    "next_attempt_at",
+    "leased_until",
+    "created_at",
+    "delivered_at",
 )
 _INSERT_ARRAYS = insert_or_skip(
     _DELIVERIES,
