@@ -71,8 +71,9 @@ async def test_the_sweep_deletes_the_rows_of_events_older_than_a_week_and_only_t
     # Made a week ago but applied only now (it waited out an outage in its queue): it
     # can still come again, so its row stays its week.
     late = made_at(old)
-    # Random ids from before event ids were time-ordered: one below the floor of the
-    # retention, one above; each applied long ago or just now.
+    # Random ids from before event ids were time-ordered, both below the retention's
+    # floor (as a random id now and then is): the one applied long ago goes, the one
+    # applied just now stays.
     random_low, random_low_new = ("00" + uuid.uuid4().hex[2:] for _ in range(2))
     await _add(
         sessionmaker,
