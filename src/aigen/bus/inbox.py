@@ -73,11 +73,7 @@ async def first_time_many(
         return set()
     now = utcnow()
     rows = [{"consumer": consumer, "event_id": e, "processed_at": now} for e in event_ids]
-    if is_postgres(session) and len(rows) > 1:
-        recorded = await driver.execute(session, _RECORD_ARRAYS, together.arrays(rows))
-    else:
-        recorded = await driver.execute(session, _RECORD[is_postgres(session)], rows)
-    return set(recorded.scalars())
+    return set((await together.insert_rows(session, _RECORD, _RECORD_ARRAYS, rows)).scalars())
 
 
 async def recorded(session: AsyncSession, consumer: str, event_ids: Sequence[str]) -> set[str]:

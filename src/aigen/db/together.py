@@ -39,6 +39,7 @@ from sqlalchemy.sql.elements import BindParameter, ColumnElement
 from sqlalchemy.sql.expression import bindparam
 
 from . import driver
+from .session import is_postgres
 
 Statement = Insert | Update | Delete
 Write = tuple[Statement, Sequence[Mapping[str, Any]]]
@@ -70,7 +71,7 @@ async def write(session: AsyncSession, writes: Sequence[Write]) -> int:
 
 def rows_of_arrays(table: Table, keys: Sequence[str]) -> Select[Any]:
     """`SELECT` of a row per element of one array per column (`unnest`, PostgreSQL), for
-    a multi-row `INSERT … SELECT … RETURNING` with `arrays(rows)` as its parameters.
+    a multi-row `INSERT … SELECT … RETURNING` that `insert_rows` runs.
 
     A list of rows with `RETURNING` is left to SQLAlchemy's execution (`db.driver`),
     which renders one multi-row statement a call: through the session, at about twice
@@ -80,9 +81,21 @@ def rows_of_arrays(table: Table, keys: Sequence[str]) -> Select[Any]:
     return select(*(rows.c[key] for key in keys))
 
 
-def arrays(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
-    """The parameters of `rows_of_arrays` for `rows` (all naming the same keys)."""
-    return {_array(0, key): [row[key] for row in rows] for key in rows[0]}
+async def insert_rows(
+    session: AsyncSession,
+    one_by_one: Mapping[bool, Any],
+    from_arrays: Any,
+    rows: Sequence[Mapping[str, Any]],
+) -> driver.Rows:
+    """`rows` (all naming the same keys) by an `INSERT … RETURNING` built both ways: on
+    PostgreSQL several rows go as `from_arrays`, its `INSERT … SELECT` over
+    `rows_of_arrays`, one statement on the driver; otherwise as the list of them, by
+    `one_by_one`'s statement for the database (keyed as `db.base.insert_or_skip`'s)."""
+    postgres = is_postgres(session)
+    if postgres and len(rows) > 1:
+        params = {_array(0, key): [row[key] for row in rows] for key in rows[0]}
+        return await driver.execute(session, from_arrays, params)
+    return await driver.execute(session, one_by_one[postgres], list(rows))
 
 
 def _array(number: int, key: str) -> str:

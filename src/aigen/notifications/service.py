@@ -17,9 +17,8 @@ from sqlalchemy import ColumnElement, and_, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aigen.clock import utcnow
-from aigen.db import driver, together
+from aigen.db import together
 from aigen.db.base import as_loaded, insert_or_skip, table
-from aigen.db.session import is_postgres
 from aigen.errors import NotFound
 from aigen.ids import new_id
 from aigen.models import Job, WebhookDelivery, WebhookEndpoint
@@ -94,11 +93,7 @@ async def enqueue_many(
     every = [row for event_rows in rows for row in event_rows]
     if not every:
         return [[] for _ in events]
-    if is_postgres(session) and len(every) > 1:
-        inserted = await driver.execute(session, _INSERT_ARRAYS, together.arrays(every))
-    else:
-        inserted = await driver.execute(session, _INSERT[is_postgres(session)], every)
-    made = set(inserted.scalars())
+    made = set((await together.insert_rows(session, _INSERT, _INSERT_ARRAYS, every)).scalars())
     # The rows as inserted, in the session as if loaded: no second read, and not the
     # ORM's bulk INSERT, which cost 8 % of the notifier's CPU by itself.
     return [
@@ -157,23 +152,9 @@ _ENABLED_ENDPOINTS = (
 _DELIVERIES = table(WebhookDelivery)
 _CONFLICT = ["job_id", "event_type", "target"]
 _INSERT = insert_or_skip(_DELIVERIES, _CONFLICT, _DELIVERIES.c.id)
-# Several rows on PostgreSQL: from arrays, one statement on the driver (`db.together`),
-# of the columns that `_rows` gives.
-_KEYS = (
-    "id",
-    "account_id",
-    "endpoint_id",
-    "job_id",
-    "event_type",
-    "target",
-    "url",
-    "status",
-    "attempts",
-    "next_attempt_at",
-    "leased_until",
-    "created_at",
-    "delivered_at",
-)
+# Several rows on PostgreSQL: from arrays, one statement on the driver (`db.together`);
+# `_rows` gives every column.
+_KEYS = tuple(_DELIVERIES.c.keys())
 _INSERT_ARRAYS = insert_or_skip(
     _DELIVERIES,
     _CONFLICT,
