@@ -61,12 +61,20 @@ class Batcher(Generic[Item]):
     One batch runs at a time, with every item that waited (at most `max_batch`): an idle
     batcher runs an item at once and alone, and under load the batches grow by
     themselves, with no timer. What a batch does is the subclass's `_run_batch`.
+
+    `linger` (seconds) makes a batch of fewer than `max_batch` items wait that long
+    first, for others to join it, as Kafka's producer does (`linger.ms`): for work that
+    nobody waits for, so that below the maximum it is shared too. Zero (the default) for
+    work on a caller's way.
     """
 
-    def __init__(self, *, max_batch: int) -> None:
+    def __init__(self, *, max_batch: int, linger: float = 0.0) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
+        if linger < 0:
+            raise ValueError("linger must not be negative")
         self._max_batch = max_batch
+        self._linger = linger
         self._waiting: list[Item] = []
         self._running: asyncio.Task[None] | None = None
 
@@ -80,6 +88,8 @@ class Batcher(Generic[Item]):
     async def _drain(self) -> None:
         # Runs while items wait and ends when none do; the next `_submit` starts it again.
         while self._waiting:
+            if self._linger and len(self._waiting) < self._max_batch:
+                await asyncio.sleep(self._linger)
             batch = self._waiting[: self._max_batch]
             del self._waiting[: self._max_batch]
             await self._run_batch(batch)

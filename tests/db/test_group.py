@@ -199,3 +199,30 @@ async def test_a_failing_batched_call_runs_each_item_alone(sessionmaker: Session
     assert isinstance(results[3], RuntimeError)  # a work must give one result per item
     assert calls == [["evt_a", "evt_bad", "evt_b"], ["evt_a"], ["evt_bad"], ["evt_b"]]
     assert await _recorded(sessionmaker) == {"evt_a", "evt_b"}
+
+
+async def test_a_lingering_group_shares_a_transaction_among_units_that_come_apart(
+    sessionmaker: Sessionmaker,
+) -> None:
+    """Units that arrive a little apart at an idle group: alone each, with no linger;
+    in one transaction when the first waits for the others (`linger`)."""
+    commits = _count_commits(sessionmaker.kw["bind"])
+
+    async def record_all(session: AsyncSession, event_ids: Sequence[str]) -> list[bool]:
+        fresh = await inbox.first_time_many(session, "test", event_ids)
+        return [event_id in fresh for event_id in event_ids]
+
+    async def spaced(group: GroupCommit, prefix: str) -> list[bool]:
+        tasks = []
+        for n in range(3):
+            tasks.append(asyncio.ensure_future(group.run_batched(record_all, f"{prefix}_{n}")))
+            await asyncio.sleep(0.05)  # each finds the one before it committed, unless it lingers
+        return await asyncio.gather(*tasks)
+
+    assert await spaced(GroupCommit(sessionmaker), "evt_eager") == [True] * 3
+    eager = len(commits)
+    assert await spaced(GroupCommit(sessionmaker, linger=0.3), "evt_lingering") == [True] * 3
+    lingering = len(commits) - eager
+
+    assert (eager, lingering) == (3, 1)
+    assert await _recorded(sessionmaker) >= {f"evt_lingering_{n}" for n in range(3)}

@@ -201,3 +201,30 @@ class TestIdle:
         [delivery] = await load_deliveries(sessionmaker)
         assert delivery.status == "delivered"
         assert [r.path for r in receiver.requests] == ["/flaky", "/flaky"]
+
+
+class TestRecords:
+    async def test_an_attempt_waiting_for_its_record_holds_no_slot(
+        self, sessionmaker: Sessionmaker, settings: Settings, receiver: WebhookReceiverDouble
+    ) -> None:
+        # The poll is an hour: the second claim can only come from the slot the first
+        # attempt frees when its request ends, long before its record (a second later).
+        slow = settings.model_copy(update={"poll_interval_seconds": 3600.0})
+        await jobs_to(sessionmaker, [receiver.url()] * 2)
+        stop = asyncio.Event()
+        dispatcher = Dispatcher(
+            sessionmaker, slow, payload_builder=build_payload, concurrency=1, settle_linger=1.0
+        )
+        task = asyncio.create_task(dispatcher.run(stop))
+        try:
+            await asyncio.wait_for(receiver.wait_for(2), 5)
+            # Both webhooks went out, one at a time, while the first record still waited.
+            assert [d.status for d in await load_deliveries(sessionmaker)] == ["pending"] * 2
+            assert receiver.max_in_flight == 1
+            await eventually(lambda: settled(sessionmaker))
+        finally:
+            stop.set()
+            await task
+        for delivery in await load_deliveries(sessionmaker):
+            assert (delivery.status, delivery.attempts) == ("delivered", 1)
+            assert [a.status_code for a in await load_attempts(sessionmaker, delivery.id)] == [200]

@@ -6,6 +6,8 @@ few statements of work. `GroupCommit.run` queues a unit of work; while a transac
 runs, the units that arrive wait, and then all go together in the next one, one after
 another in the same session. An idle consumer still runs each unit at once and alone;
 under load the batches grow by themselves, with no timer (as the API's intake does).
+Units that nobody waits for may wait a little for others instead (`linger`: the
+notifier's records of its attempts).
 
 A unit of work is a function of the session. It must leave no trace outside the
 session before the commit (effects after the commit belong to its caller), because it
@@ -52,8 +54,10 @@ log = structlog.get_logger(__name__)
 class GroupCommit(Batcher[_Queued]):
     """Runs units of work in shared transactions, one transaction at a time."""
 
-    def __init__(self, sessionmaker: Sessionmaker, *, max_batch: int = MAX_BATCH) -> None:
-        super().__init__(max_batch=max_batch)
+    def __init__(
+        self, sessionmaker: Sessionmaker, *, max_batch: int = MAX_BATCH, linger: float = 0.0
+    ) -> None:
+        super().__init__(max_batch=max_batch, linger=linger)
         self._sessionmaker = sessionmaker
 
     async def run(self, work: Work[T], *, order: str = "") -> T:

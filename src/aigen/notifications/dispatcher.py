@@ -56,6 +56,12 @@ MAX_PAYLOAD_BYTES = 20 * 1024
 IDLE_POLL_SECONDS = 1.0
 IDLE_POLL_FACTOR = 20
 RETRY_WAKE_MARGIN_SECONDS = 0.005
+# An attempt's record (its row, the delivery's new state) waits this long for others to
+# share its transaction. The webhook has been answered by then, so no one waits for the
+# record but a reader of the delivery log; below the maximum each record was a
+# transaction of its own, a sixth of a job's. A crash in that time sends the webhook
+# again once the lease runs out, as a crash during the attempt does (at least once).
+SETTLE_LINGER_SECONDS = 0.05
 
 # Built once (see `db.base.table`): every attempt writes one.
 _ADD_ATTEMPT = insert(table(WebhookAttempt))
@@ -93,6 +99,7 @@ class Dispatcher:
         https_only: bool = False,
         resolver: Resolver | None = None,
         rng: random.Random | None = None,
+        settle_linger: float = SETTLE_LINGER_SECONDS,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -112,8 +119,12 @@ class Dispatcher:
         # Slots promised to deliveries being handed over (`reserve`, then `hand`).
         self._reserved = 0
         self._running = False
-        # The attempts that end together are recorded in one transaction.
-        self._settlements = GroupCommit(sessionmaker)
+        # The attempts that end together are recorded in one transaction; an attempt
+        # waiting for its record holds no slot (`_free`), up to `concurrency` of them.
+        self._settlements = GroupCommit(sessionmaker, linger=settle_linger)
+        self._settling = 0
+        # Set by `run` while more deliveries are due than it had slots for.
+        self._more_due = False
 
     def wake(self) -> None:
         """New deliveries are due (enqueued in this process): claim now, not at the poll."""
@@ -169,7 +180,7 @@ class Dispatcher:
                     woken = asyncio.create_task(self._wakeup.wait())
                 # While more may be due than there were slots, a slot that frees up claims
                 # again at once; otherwise a wake-up does, or the poll.
-                more_due = len(claims) >= limit
+                more_due = self._more_due = len(claims) >= limit
                 await asyncio.wait(
                     {stopping, woken, *in_flight} if more_due else {stopping, woken},
                     timeout=self._settings.poll_interval_seconds if more_due else idle_poll,
@@ -181,6 +192,7 @@ class Dispatcher:
             raise
         finally:
             self._running = False
+            self._more_due = False
             stopping.cancel()
             woken.cancel()
             await asyncio.gather(stopping, woken, *in_flight, return_exceptions=True)
@@ -211,7 +223,10 @@ class Dispatcher:
             self._start(self._attempt(claim, message))
 
     def _free(self) -> int:
-        return self._concurrency - len(self._in_flight) - self._reserved
+        # An attempt whose request has ended is only waiting for its record. (`run_once`'s
+        # attempts are not in `_in_flight`: hence the floor.)
+        sending = max(0, len(self._in_flight) - min(self._settling, self._concurrency))
+        return self._concurrency - sending - self._reserved
 
     def _start(self, attempt: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(attempt)
@@ -315,7 +330,13 @@ class Dispatcher:
         attempted_at: datetime,
     ) -> None:
         ended = _Ended(claim, message, result, attempted_at)
-        planned, outcome, retry_at = await self._settlements.run_batched(self._record, ended)
+        self._settling += 1
+        if self._more_due:
+            self.wake()  # its slot is free: claim more now, not when its record is made
+        try:
+            planned, outcome, retry_at = await self._settlements.run_batched(self._record, ended)
+        finally:
+            self._settling -= 1
         if outcome == SUPERSEDED:
             log.info("webhook attempt outlived its claim", delivery_id=claim.id)
         if retry_at is not None:
