@@ -29,7 +29,7 @@ from aigen.bus.topology import BACKEND, NOTIFICATIONS, WORKFLOW
 from aigen.db import notices
 from aigen.gateway.app import create_app, listen
 from aigen.notifications import handlers as notification_handlers
-from aigen.notifications.dispatcher import Dispatcher
+from aigen.notifications.dispatcher import SETTLE_LINGER_SECONDS, Dispatcher
 from aigen.serving.base import Usage
 from aigen.serving.catalog import UnknownModelError
 from aigen.workflow.handlers import Workflow
@@ -141,6 +141,10 @@ async def run_notifier(deps: Deps, stop: asyncio.Event) -> None:
         payload_builder=notification_handlers.make_payload_builder(deps.store, deps.settings),
         concurrency=deps.settings.webhook_concurrency,
         https_only=deps.settings.webhook_https_only,
+        # Not on SQLite: there `aigen up`'s maximum fell by a tenth to a fifth with the
+        # records lingering, and its CPU per job below the maximum did not clearly fall
+        # (BENCHMARKS.md, the twenty-first session).
+        settle_linger=0.0 if deps.engine.dialect.name == "sqlite" else SETTLE_LINGER_SECONDS,
     )
     ended = notices.Listener(job_service.ENDED, deps.sessionmaker)
     await asyncio.gather(

@@ -61,6 +61,7 @@ RETRY_WAKE_MARGIN_SECONDS = 0.005
 # record but a reader of the delivery log; below the maximum each record was a
 # transaction of its own, a sixth of a job's. A crash in that time sends the webhook
 # again once the lease runs out, as a crash during the attempt does (at least once).
+# (The notifier on SQLite does without: `runtime.run_notifier`.)
 SETTLE_LINGER_SECONDS = 0.05
 
 # Built once (see `db.base.table`): every attempt writes one.
