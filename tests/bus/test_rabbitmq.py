@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aio_pika
+import aiormq.channel
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from yarl import URL
@@ -522,6 +523,105 @@ class TestConsume:
         # "a" was acked after its handler finished; "b" was never taken.
         left = await drain(channel, broker.namespace + WORKFLOW)
         assert [Envelope.from_json(m.body).job_id for m in left] == ["b"]
+
+
+@pytest.fixture
+def ack_frames(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bool]]:
+    """Every `basic.ack` this process writes, as (delivery tag, multiple): the real client
+    is called through, only watched."""
+    frames: list[tuple[int, bool]] = []
+    real = aiormq.channel.Channel.basic_ack
+
+    async def basic_ack(
+        self: aiormq.channel.Channel, delivery_tag: int, multiple: bool = False, wait: bool = True
+    ) -> None:
+        frames.append((delivery_tag, multiple))
+        await real(self, delivery_tag, multiple, wait)
+
+    monkeypatch.setattr(aiormq.channel.Channel, "basic_ack", basic_ack)
+    return frames
+
+
+@pytest.mark.rabbitmq
+class TestAcks:
+    async def test_handlers_that_end_together_ack_in_one_frame(
+        self, broker: RabbitMQBroker, channel: AbstractChannel, ack_frames: list[tuple[int, bool]]
+    ) -> None:
+        # As a group commit resumes the handlers of its batch: all in one turn of the loop.
+        together = asyncio.Event()
+
+        async def behaviour(envelope: Envelope, call: int) -> None:
+            if call == 8:
+                together.set()
+            await together.wait()
+
+        handler = Recorder(behaviour)
+        consumer = Consumer(broker, WORKFLOW, handler, prefetch=8)
+        await broker.publish([requested(f"j{i}") for i in range(8)])
+        await handler.wait_for(8)
+        await consumer.stop()
+        assert ack_frames == [(8, True)]
+        # All eight were settled: nothing is left, and nothing comes back.
+        assert await get(channel, broker.namespace + WORKFLOW, timeout=0.3) is None
+
+    async def test_a_slow_handler_holds_back_no_other_ack(self, broker: RabbitMQBroker) -> None:
+        release = asyncio.Event()
+
+        async def hold_first(envelope: Envelope, call: int) -> None:
+            if call == 1:
+                await release.wait()
+
+        handler = Recorder(hold_first)
+        consumer = Consumer(broker, WORKFLOW, handler, prefetch=2)
+        try:
+            await broker.publish([requested(f"j{i}") for i in range(5)])
+            # With two messages in hand and the first held, each of the others can only
+            # arrive once the one before it was acked.
+            await handler.wait_for(5)
+        finally:
+            release.set()
+            await consumer.stop()
+
+    async def test_an_ack_never_covers_a_message_still_in_hand(
+        self, namespace: str, broker: RabbitMQBroker, channel: AbstractChannel
+    ) -> None:
+        rabbitmq = URL(RABBITMQ_URL)
+        proxy = TcpProxy(rabbitmq.host or "127.0.0.1", rabbitmq.port or 5672)
+        await proxy.start()
+        flaky = make_broker(namespace, str(rabbitmq.with_port(proxy.port)))
+        release = asyncio.Event()
+
+        async def hold_first(envelope: Envelope, call: int) -> None:
+            if call == 1:
+                await release.wait()
+
+        handler = Recorder(hold_first)
+        consumer = Consumer(flaky, WORKFLOW, handler, prefetch=4)
+        try:
+            await broker.publish([requested("held")])
+            await handler.wait_for(1)
+            await broker.publish([requested(f"j{i}") for i in range(3)])
+            await handler.wait_for(4)
+            await asyncio.sleep(0.3)  # their acks are written
+            # The link dies while the first message is still in its handler.
+            proxy.set("refuse")
+            release.set()
+            await asyncio.sleep(0.5)
+            proxy.set("forward")
+            # Only the message that was in hand comes back: the acks of the three after
+            # it did not cover it.
+            await handler.wait_for(5)
+            await asyncio.sleep(0.5)
+            await consumer.stop()
+        finally:
+            release.set()
+            if not consumer.task.done():
+                await consumer.stop()
+            await flaky.aclose()
+            await proxy.aclose()
+        jobs = [envelope.job_id for _, envelope in handler.calls]
+        assert jobs == ["held", "j0", "j1", "j2", "held"]
+        assert await get(channel, broker.namespace + WORKFLOW, timeout=0.3) is None
 
 
 @pytest.mark.rabbitmq

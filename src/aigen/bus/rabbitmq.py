@@ -16,14 +16,15 @@ Topology (every name prefixed by `namespace`, empty in production):
 
 Delivery: publishers wait for publisher confirms and publish `mandatory`, so an
 unroutable event is an error, never silently dropped. Consumers ack by hand once the
-handler (which commits its own transaction) returns. A handler's `Retry` re-parks the
-message for its delay and acks the original, so it does not count toward any limit; any
-other error re-parks it with exponential backoff, counting failures in `x-aigen-attempts`
-(plus the quorum queue's `x-delivery-count`, the redeliveries after a consumer died), and
-at `delivery_limit` the message is published to the queue's `.dlq` and `on_dead_letter`
-is called. A message that keeps killing its consumer never reaches our code a last time:
-the queue's own `x-delivery-limit` moves it to the `.dlq` (reason `delivery_limit`)
-without the hook.
+handler (which commits its own transaction) returns; the acks of handlers that end in
+the same turn of the loop share a frame where they can (`acks.Settler`). A handler's
+`Retry` re-parks the message for its delay and acks the original, so it does not count
+toward any limit; any other error re-parks it with exponential backoff, counting
+failures in `x-aigen-attempts` (plus the quorum queue's `x-delivery-count`, the
+redeliveries after a consumer died), and at `delivery_limit` the message is published to
+the queue's `.dlq` and `on_dead_letter` is called. A message that keeps killing its
+consumer never reaches our code a last time: the queue's own `x-delivery-limit` moves it
+to the `.dlq` (reason `delivery_limit`) without the hook.
 
 Connections: one connection per broker, shared by the publisher channel and one channel
 per `consume` call. aio-pika's `connect_robust` is not used: its restoration misses
@@ -62,6 +63,7 @@ from yarl import URL
 
 from aigen.aio import sleep_or_stop
 
+from .acks import Settler
 from .broker import DeadLetterHook, Handler, Retry
 from .messages import Envelope
 from .topology import BINDINGS, EXCHANGE, dead_letter_queue
@@ -148,6 +150,8 @@ class _Session:
     dead: AbstractExchange
     handler: Handler
     on_dead_letter: DeadLetterHook | None
+    # The channel's acks, nacks and rejects: a turn's acks go in one frame where they can.
+    settler: Settler
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
@@ -454,6 +458,7 @@ class RabbitMQBroker:
             if redeclare:
                 await self._declare(channel)
             await channel.set_qos(prefetch_count=prefetch)
+            underlay = await channel.get_underlay_channel()
             session = _Session(
                 name=self._name(queue),
                 channel=channel,
@@ -462,12 +467,13 @@ class RabbitMQBroker:
                 dead=await channel.get_exchange(self._name(DEAD_LETTER_EXCHANGE), ensure=False),
                 handler=handler,
                 on_dead_letter=on_dead_letter,
+                settler=Settler(underlay),
             )
             canceled = asyncio.Event()
-            underlay = await channel.get_underlay_channel()
             underlay.on_consumer_cancel_callbacks.add(lambda _frame: canceled.set())
 
             async def on_message(message: AbstractIncomingMessage) -> None:
+                session.settler.received(_tag(message))
                 task = asyncio.create_task(self._handle(session, message))
                 for owner in (tasks, session.tasks):
                     owner.add(task)
@@ -500,14 +506,14 @@ class RabbitMQBroker:
                 await self._park(
                     session, message, rest_ms / 1000, _int(headers.get(ATTEMPTS_HEADER))
                 )
-                await message.ack()
+                await session.settler.ack(_tag(message))
                 return
             try:
                 envelope = Envelope.from_json(message.body)
             except (ValueError, KeyError, TypeError) as exc:
                 # Malformed: no retry can help. The queue's DLX moves it to the `.dlq`.
                 log.error("rabbitmq.malformed_message", queue=session.name, error=repr(exc))
-                await message.reject(requeue=False)
+                await session.settler.reject(_tag(message), requeue=False)
                 return
             await self._run(session, message, envelope, headers)
         except Exception as exc:
@@ -520,9 +526,9 @@ class RabbitMQBroker:
             # A lost channel returns the message by itself. On a live one (a retry queue
             # deleted, say) hand it back rather than hold it, and a prefetch slot, forever:
             # the return counts toward the queue's delivery limit.
-            if not session.channel.is_closed and not message.processed:
+            if not session.channel.is_closed and session.settler.holds(_tag(message)):
                 with contextlib.suppress(Exception):
-                    await message.nack(requeue=True)
+                    await session.settler.nack(_tag(message), requeue=True)
 
     async def _run(
         self,
@@ -554,7 +560,7 @@ class RabbitMQBroker:
                 return
             delay = min(self._retry_max, self._retry_base * 2 ** (attempts - 1))
             await self._park(session, message, delay * random.uniform(0.8, 1.2), attempts)
-        await message.ack()
+        await session.settler.ack(_tag(message))
 
     async def _park(
         self, session: _Session, message: AbstractIncomingMessage, delay: float, attempts: int
@@ -584,7 +590,7 @@ class RabbitMQBroker:
             ERROR_HEADER: error[:_MAX_ERROR_CHARS],
         }
         await self._send(session.dead, _copy(message, headers), session.name)
-        await message.ack()
+        await session.settler.ack(_tag(message))
         log.error("rabbitmq.dead_lettered", queue=session.name, event_id=envelope.id, error=error)
         if session.on_dead_letter is not None:
             try:
@@ -661,6 +667,12 @@ def _carried(headers: Mapping[str, FieldValue] | None) -> dict[str, FieldValue]:
         for key, value in (headers or {}).items()
         if not key.startswith("x-") and key != BUCKET_HEADER
     }
+
+
+def _tag(message: AbstractIncomingMessage) -> int:
+    # Set on every message a consumer receives (only `basic.get`'s may lack one).
+    assert message.delivery_tag is not None
+    return message.delivery_tag
 
 
 def _int(value: object) -> int:
