@@ -3,8 +3,9 @@
 A consumer's handlers end in bursts: a group commit resumes every handler of its batch in
 the same turn of the event loop. Each ack was a frame of its own, and for a quorum queue
 a settle command of its own in the server's log. AMQP's `multiple` flag acks every
-delivery up to a tag in one frame, as RabbitMQ's guide on confirms suggests for
-throughput. It may only cover deliveries that are done, so the acks of one turn go as:
+delivery up to a tag in one frame (RabbitMQ's guide to acknowledgements batches them so,
+to save traffic). It may only cover deliveries that are done, so the acks of one turn go
+as:
 
 - one `basic.ack multiple` for the unbroken run of the channel's oldest deliveries;
 - one `basic.ack` each for the rest (a delivery older than them is still in a handler):
