@@ -8,6 +8,7 @@ and 800 ms and a backoff base of 50 ms.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
@@ -193,6 +194,30 @@ async def published(broker: RabbitMQBroker, envelope: Envelope) -> bool:
     except (BrokerUnavailableError, UnroutableError):
         return False
     return True
+
+
+def holding_first(release: asyncio.Event) -> Callable[[Envelope, int], Awaitable[None]]:
+    """A `Recorder` behaviour: the first message stays in its handler until `release`."""
+
+    async def behaviour(envelope: Envelope, call: int) -> None:
+        if call == 1:
+            await release.wait()
+
+    return behaviour
+
+
+@contextlib.asynccontextmanager
+async def behind_a_proxy(namespace: str) -> AsyncIterator[tuple[TcpProxy, RabbitMQBroker]]:
+    """A broker that reaches RabbitMQ through a proxy the test can cut."""
+    rabbitmq = URL(RABBITMQ_URL)
+    proxy = TcpProxy(rabbitmq.host or "127.0.0.1", rabbitmq.port or 5672)
+    await proxy.start()
+    flaky = make_broker(namespace, str(rabbitmq.with_port(proxy.port)))
+    try:
+        yield proxy, flaky
+    finally:
+        await flaky.aclose()
+        await proxy.aclose()
 
 
 def close_connection_on_server(name_part: str) -> None:
@@ -566,12 +591,7 @@ class TestAcks:
 
     async def test_a_slow_handler_holds_back_no_other_ack(self, broker: RabbitMQBroker) -> None:
         release = asyncio.Event()
-
-        async def hold_first(envelope: Envelope, call: int) -> None:
-            if call == 1:
-                await release.wait()
-
-        handler = Recorder(hold_first)
+        handler = Recorder(holding_first(release))
         consumer = Consumer(broker, WORKFLOW, handler, prefetch=2)
         try:
             await broker.publish([requested(f"j{i}") for i in range(5)])
@@ -585,40 +605,30 @@ class TestAcks:
     async def test_an_ack_never_covers_a_message_still_in_hand(
         self, namespace: str, broker: RabbitMQBroker, channel: AbstractChannel
     ) -> None:
-        rabbitmq = URL(RABBITMQ_URL)
-        proxy = TcpProxy(rabbitmq.host or "127.0.0.1", rabbitmq.port or 5672)
-        await proxy.start()
-        flaky = make_broker(namespace, str(rabbitmq.with_port(proxy.port)))
         release = asyncio.Event()
-
-        async def hold_first(envelope: Envelope, call: int) -> None:
-            if call == 1:
-                await release.wait()
-
-        handler = Recorder(hold_first)
-        consumer = Consumer(flaky, WORKFLOW, handler, prefetch=4)
-        try:
-            await broker.publish([requested("held")])
-            await handler.wait_for(1)
-            await broker.publish([requested(f"j{i}") for i in range(3)])
-            await handler.wait_for(4)
-            await asyncio.sleep(0.3)  # their acks are written
-            # The link dies while the first message is still in its handler.
-            proxy.set("refuse")
-            release.set()
-            await asyncio.sleep(0.5)
-            proxy.set("forward")
-            # Only the message that was in hand comes back: the acks of the three after
-            # it did not cover it.
-            await handler.wait_for(5)
-            await asyncio.sleep(0.5)
-            await consumer.stop()
-        finally:
-            release.set()
-            if not consumer.task.done():
+        handler = Recorder(holding_first(release))
+        async with behind_a_proxy(namespace) as (proxy, flaky):
+            consumer = Consumer(flaky, WORKFLOW, handler, prefetch=4)
+            try:
+                await broker.publish([requested("held")])
+                await handler.wait_for(1)
+                await broker.publish([requested(f"j{i}") for i in range(3)])
+                await handler.wait_for(4)
+                await asyncio.sleep(0.3)  # their acks are written
+                # The link dies while the first message is still in its handler.
+                proxy.set("refuse")
+                release.set()
+                await asyncio.sleep(0.5)
+                proxy.set("forward")
+                # Only the message that was in hand comes back: the acks of the three after
+                # it did not cover it.
+                await handler.wait_for(5)
+                await asyncio.sleep(0.5)
                 await consumer.stop()
-            await flaky.aclose()
-            await proxy.aclose()
+            finally:
+                release.set()
+                if not consumer.task.done():
+                    await consumer.stop()
         jobs = [envelope.job_id for _, envelope in handler.calls]
         assert jobs == ["held", "j0", "j1", "j2", "held"]
         assert await get(channel, broker.namespace + WORKFLOW, timeout=0.3) is None
@@ -652,43 +662,33 @@ class TestReconnect:
     async def test_network_drop_mid_handler(
         self, namespace: str, broker: RabbitMQBroker, channel: AbstractChannel
     ) -> None:
-        rabbitmq = URL(RABBITMQ_URL)
-        proxy = TcpProxy(rabbitmq.host or "127.0.0.1", rabbitmq.port or 5672)
-        await proxy.start()
-        flaky = make_broker(namespace, str(rabbitmq.with_port(proxy.port)))
         release = asyncio.Event()
-
-        async def hold_first(envelope: Envelope, call: int) -> None:
-            if call == 1:
-                await release.wait()
-
-        handler = Recorder(hold_first)
-        consumer = Consumer(flaky, WORKFLOW, handler)
-        try:
-            await broker.publish([requested("held")])
-            await handler.wait_for(1)
-            # The link dies while the handler holds the message, and stays down a while.
-            proxy.set("refuse")
-            with pytest.raises(BrokerUnavailableError):
-                await flaky.publish([requested("lost")])
-            with pytest.raises(BrokerUnavailableError):
+        handler = Recorder(holding_first(release))
+        async with behind_a_proxy(namespace) as (proxy, flaky):
+            consumer = Consumer(flaky, WORKFLOW, handler)
+            try:
+                await broker.publish([requested("held")])
+                await handler.wait_for(1)
+                # The link dies while the handler holds the message, and stays down a while.
+                proxy.set("refuse")
+                with pytest.raises(BrokerUnavailableError):
+                    await flaky.publish([requested("lost")])
+                with pytest.raises(BrokerUnavailableError):
+                    await flaky.ping()
+                release.set()
+                await asyncio.sleep(0.5)
+                proxy.set("forward")
+                # Not acked before the handler finished, so the server hands it out again;
+                # the reconnected consumer gets it, then new messages.
+                await handler.wait_for(2)
                 await flaky.ping()
-            release.set()
-            await asyncio.sleep(0.5)
-            proxy.set("forward")
-            # Not acked before the handler finished, so the server hands it out again;
-            # the reconnected consumer gets it, then new messages.
-            await handler.wait_for(2)
-            await flaky.ping()
-            await flaky.publish([requested("after")])
-            await handler.wait_for(3)
-            await consumer.stop()
-        finally:
-            release.set()
-            if not consumer.task.done():
+                await flaky.publish([requested("after")])
+                await handler.wait_for(3)
                 await consumer.stop()
-            await flaky.aclose()
-            await proxy.aclose()
+            finally:
+                release.set()
+                if not consumer.task.done():
+                    await consumer.stop()
         jobs = [envelope.job_id for _, envelope in handler.calls]
         assert jobs == ["held", "held", "after"]
         assert await get(channel, broker.namespace + WORKFLOW, timeout=0.3) is None

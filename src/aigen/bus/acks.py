@@ -47,6 +47,9 @@ class Settler:
         self._ready.add(tag)
         if self._flush is None:
             self._flush = asyncio.ensure_future(self._send_acks())
+            # Its error reaches every handler still waiting; with none left (all cancelled
+            # at a shutdown) it is not an error to report again.
+            self._flush.add_done_callback(_retrieved)
         # Shielded: a handler cancelled now must not cancel the others' acks.
         await asyncio.shield(self._flush)
 
@@ -77,3 +80,8 @@ class Settler:
             finally:
                 # Sent, or the channel is gone and the server hands them out again.
                 self._open -= ready
+
+
+def _retrieved(flush: asyncio.Future[None]) -> None:
+    if not flush.cancelled():
+        flush.exception()
