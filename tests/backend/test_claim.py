@@ -7,16 +7,20 @@ import dataclasses
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy import event, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from aigen.backend.billing import service as billing
 from aigen.backend.job import service as job_service
 from aigen.bus import inbox
 from aigen.bus.messages import AIGenerationJobFailed, AIGenerationJobRequested, Envelope
 from aigen.clock import utcnow
+from aigen.db.group import GroupCommit
 from aigen.db.session import unit_of_work
 from aigen.models import InboxMessage, Job, OutboxMessage
 from aigen.workflow import handlers as workflow
+from tests.fixtures.asyncpg_calls import count_begins
 from tests.fixtures.platform import Api
 
 
@@ -176,3 +180,34 @@ async def test_results_together_are_recorded_only_while_their_attempts_run(api: 
     assert await recorded(api, "workflow", f"req_{current.id}")
     assert not await recorded(api, "workflow", f"req_{stale.id}")
     assert not await recorded(api, "workflow", f"req_{canceled.id}")
+
+
+async def test_a_claim_alone_commits_by_itself_and_an_overdue_job_is_still_expired(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's claim of a job that comes alone (the common case below the maximum) is
+    one statement: on PostgreSQL it commits by itself, with no BEGIN or COMMIT. A job
+    found past its deadline is still expired and its hold released, in a transaction."""
+    fresh, _ = await api.pending_job()
+    overdue, account_id = await api.pending_job(credits=50, hold=6)
+    async with unit_of_work(api.deps.sessionmaker) as session:
+        await session.execute(
+            update(Job).where(Job.id == overdue).values(deadline_at=utcnow() - timedelta(seconds=1))
+        )
+    begins = count_begins(monkeypatch)
+    group = GroupCommit(api.deps.sessionmaker)
+
+    claimed = await group.run_batched(workflow._claim_many, (fresh, "e_f"), order="1")
+    after_claim = len(begins)
+    expired = await group.run_batched(workflow._claim_many, (overdue, "e_o"), order="1")
+    after_expiry = len(begins)
+
+    assert claimed is not None
+    assert (claimed.id, claimed.attempt) == (fresh, 1)
+    assert expired is None
+    assert await _state(api, fresh) == ("processing", 1)
+    assert await _state(api, overdue) == ("expired", 0)
+    async with api.deps.sessionmaker() as session:
+        assert await billing.balance(session, account_id) == 50
+    if api.deps.engine.dialect.name == "postgresql":
+        assert (after_claim, after_expiry) == (0, 1)

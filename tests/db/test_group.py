@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from aigen.bus import inbox
+from aigen.db import driver
+from aigen.db.base import table
 from aigen.db.group import GroupCommit
-from aigen.db.session import Sessionmaker
+from aigen.db.session import Sessionmaker, unit_of_work
 from aigen.models import InboxMessage
+from tests.fixtures.asyncpg_calls import count_begins
 
 
 async def _recorded(sessionmaker: Sessionmaker) -> set[str]:
@@ -226,3 +230,51 @@ async def test_a_lingering_group_shares_a_transaction_among_units_that_come_apar
 
     assert (eager, lingering) == (3, 1)
     assert await _recorded(sessionmaker) >= {f"evt_lingering_{n}" for n in range(3)}
+
+
+async def test_a_unit_alone_may_send_its_first_statement_outside_the_transaction(
+    engine: AsyncEngine, sessionmaker: Sessionmaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`driver.execute(..., alone=True)`: on PostgreSQL the first statement of a unit that
+    runs alone commits by itself, with no BEGIN or COMMIT; after it, and in a shared
+    transaction, statements are the transaction's, and roll back with it."""
+    async with unit_of_work(sessionmaker) as session:
+        await session.execute(select(1))  # (a new engine's first connection asks the server)
+    begins = count_begins(monkeypatch)
+    group = GroupCommit(sessionmaker)
+    row = {"consumer": "test", "processed_at": datetime(2026, 1, 1, tzinfo=UTC)}
+
+    def unit(*event_ids: str, fails: bool = True) -> Any:
+        async def work(session: AsyncSession) -> None:
+            for event_id in event_ids:
+                await driver.execute(session, _ADD, row | {"event_id": event_id}, alone=True)
+            if fails:
+                raise ValueError("after its statements")
+
+        return work
+
+    await group.run(unit("evt_one", fails=False))
+    counts = [len(begins)]
+    with pytest.raises(ValueError, match="after its statements"):
+        await group.run(unit("evt_first", "evt_second"))
+    counts.append(len(begins))
+    gate = asyncio.Event()
+    first = asyncio.ensure_future(group.run(lambda session: gate.wait()))
+    await asyncio.sleep(0)
+    shared = [group.run(unit(f"evt_shared_{n}", fails=False)) for n in range(2)]
+    await asyncio.sleep(0.05)
+    gate.set()
+    await asyncio.gather(first, *shared)
+    counts.append(len(begins))
+
+    shared_ids = {"evt_shared_0", "evt_shared_1"}
+    if engine.dialect.name == "postgresql":
+        # No BEGIN for the one statement; one for the second of two, which rolled back;
+        # one for the two units that went together.
+        assert counts == [0, 1, 2]
+        assert await _recorded(sessionmaker) == {"evt_one", "evt_first", *shared_ids}
+    else:  # SQLite's BEGIN IMMEDIATE goes with the transaction: all is in it
+        assert await _recorded(sessionmaker) == {"evt_one", *shared_ids}
+
+
+_ADD = insert(table(InboxMessage))

@@ -52,6 +52,9 @@ _Expansion = tuple[str, tuple[tuple[_Bind, int], ...]]
 _EXPANSIONS = 256
 # session.info: the transaction that `_driver` found the connection for, and it.
 _DRIVER = "aigen.driver"
+# session.info: the transaction holds one unit of work (`db.group`), so its first statement
+# may commit by itself where its caller allows it (`execute(..., alone=True)`).
+ALONE = "aigen.driver.alone"
 # (dialect, driver) of the engines this runs past SQLAlchemy: asyncpg, and SQLite through
 # this project's loop connection (`db.sqlite`, under SQLAlchemy's aiosqlite dialect).
 _DRIVERS = {("postgresql", "asyncpg"), ("sqlite", "aiosqlite")}
@@ -86,17 +89,29 @@ class Rows:
 
 
 async def execute(
-    session: AsyncSession, statement: Executable, params: Params | Sequence[Params]
+    session: AsyncSession,
+    statement: Executable,
+    params: Params | Sequence[Params],
+    *,
+    alone: bool = False,
 ) -> Rows:
-    """Run `statement` in the session's transaction (see the module's note)."""
+    """Run `statement` in the session's transaction (see the module's note).
+
+    `alone`: the caller accepts that the statement commits by itself, whatever follows
+    it. It then does so when it is the first statement of a transaction that holds one
+    unit of work (`ALONE`, set by `db.group`) on asyncpg: sent outside a transaction, as
+    one round trip, not BEGIN, the statement and COMMIT (the worker's claim is most
+    often a transaction of that one statement). What the unit sends after it runs in a
+    transaction that begins then. Elsewhere it runs in the transaction as any other."""
     dialect = session.get_bind().dialect
     rows: Sequence[Params] = [params] if isinstance(params, Mapping) else params
+    alone = session.info.pop(ALONE, False) and alone
     if rows and (dialect.name, dialect.driver) in _DRIVERS:
         # A list of one is the same statement with its one set of parameters.
         many = len(rows) > 1
         plan = _plan(statement, tuple(rows[0]), dialect, many)
         if plan is not None and not (many and plan.expanding):
-            on = await _driver(session)
+            on = await _driver(session, alone=alone)
             if on is not None and not (many and plan.returns_rows and not on[1].row_by_row):
                 return await plan.run(*on, rows)
     result = await session.execute(statement, params)
@@ -278,14 +293,18 @@ def _orm(statement: Any) -> bool:
     return bool(plugin == "orm")
 
 
-async def _driver(session: AsyncSession) -> tuple[AsyncConnection, _Runner] | None:
+async def _driver(
+    session: AsyncSession, *, alone: bool = False
+) -> tuple[AsyncConnection, _Runner] | None:
     """The session's connection and the driver's under it, in the session's transaction;
     None for a driver this module does not know.
 
     SQLAlchemy's asyncpg adapter sends BEGIN with the first statement; one sent past it
     would run outside the transaction, so the adapter is made to begin now if it has
-    not (`_start_transaction`, what its cursor calls first). On SQLite the connection's
-    `begin` event has sent BEGIN IMMEDIATE already (`db.session`)."""
+    not (`_start_transaction`, what its cursor calls first), unless the statement is to
+    commit `alone` (`execute`): then it goes before BEGIN, and the adapter, still outside
+    a transaction, sends no COMMIT for it. On SQLite the connection's `begin` event has
+    sent BEGIN IMMEDIATE already (`db.session`)."""
     transaction = session.get_transaction()
     found = session.info.get(_DRIVER)
     if transaction is not None and found is not None and found[0] is transaction:
@@ -298,6 +317,8 @@ async def _driver(session: AsyncSession) -> tuple[AsyncConnection, _Runner] | No
     if isinstance(adapted.driver_connection, sqlite.LoopConnection):
         runner = _SQLite(adapted.driver_connection)
     elif connection.dialect.driver == "asyncpg":
+        if alone and adapted._transaction is None:
+            return connection, _Asyncpg(adapted.driver_connection)
         if adapted._transaction is None:
             try:
                 await adapted._start_transaction()

@@ -34,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from aigen.aio import Batcher
 
+from .driver import ALONE
 from .errors import unreachable
 from .session import Sessionmaker, unit_of_work
 
@@ -117,6 +118,7 @@ class GroupCommit(Batcher[_Queued]):
         for number, (_, work, item, future) in enumerate(batch):
             try:
                 async with unit_of_work(self._sessionmaker) as session:
+                    session.info[ALONE] = True
                     [result] = await _call(work, session, [item])
             except Exception as error:
                 if unreachable(error):

@@ -384,11 +384,11 @@ def _transition_statement(
 
 
 async def _update_returning(
-    session: AsyncSession, statement: Any, params: dict[str, Any]
+    session: AsyncSession, statement: Any, params: dict[str, Any], *, alone: bool = False
 ) -> Job | None:
     """One `UPDATE … RETURNING`, in Core: the changed job as stored now (the session's
-    object, `as_loaded`), or None if none matched."""
-    result = await driver.execute(session, statement, params)
+    object, `as_loaded`), or None if none matched. `alone`: `driver.execute`'s."""
+    result = await driver.execute(session, statement, params, alone=alone)
     row = result.one_or_none()
     return as_loaded(session, Job, dict(zip(result.keys, row, strict=True))) if row else None
 
@@ -461,7 +461,9 @@ async def claim(
         statement = _CLAIM_UNLESS_RECORDED
         params |= inbox.unrecorded_params(*unless_recorded)
     # The common case in one statement: an active job, not pending past its deadline.
-    claimed = await _update_returning(session, statement, params)
+    # It may commit by itself: the claim stands whatever the unit does after it (the
+    # expiry below runs only when it changed nothing).
+    claimed = await _update_returning(session, statement, params, alone=True)
     if claimed is not None:
         return claimed
     job = await session.get(Job, job_id, populate_existing=True)
