@@ -156,27 +156,11 @@ async def test_results_together_are_recorded_only_while_their_attempts_run(api: 
         await job_service.cancel(session, canceled.id, account_id=canceled.account_id)
         assert await inbox.first_time(session, "workflow", f"req_{again.id}")
 
-    def result(job: Job) -> Any:
-        event = AIGenerationJobFailed(
-            job_id=job.id,
-            account_id=job.account_id,
-            attempt=job.attempt,
-            error={"code": "test", "message": "scripted"},
-        )
-        requested = AIGenerationJobRequested(
-            job_id=job.id, account_id=job.account_id, model=job.model, input=job.input
-        )
-        request = dataclasses.replace(Envelope.wrap(requested), id=f"req_{job.id}")
-        return workflow._Result(request, job, event)
-
-    results = [result(job) for job in (current, stale, canceled, again)]
+    results = [_failed(job) for job in (current, stale, canceled, again)]
     async with unit_of_work(api.deps.sessionmaker) as session:
         announced = await workflow._announce_many(session, results)
     assert announced == [True, False, False, False]
-    async with api.deps.sessionmaker() as session:
-        events = (await session.scalars(select(OutboxMessage.body))).all()
-    failed = [Envelope.from_json(body) for body in events]
-    assert [e.data["job_id"] for e in failed if e.type == "AIGenerationJobFailed"] == [current.id]
+    assert await _failures_announced(api) == [current.id]
     assert await recorded(api, "workflow", f"req_{current.id}")
     assert not await recorded(api, "workflow", f"req_{stale.id}")
     assert not await recorded(api, "workflow", f"req_{canceled.id}")
@@ -211,3 +195,60 @@ async def test_a_claim_alone_commits_by_itself_and_an_overdue_job_is_still_expir
         assert await billing.balance(session, account_id) == 50
     if api.deps.engine.dialect.name == "postgresql":
         assert (after_claim, after_expiry) == (0, 1)
+
+
+async def test_an_announcement_alone_is_one_statement_and_a_stale_one_writes_nothing(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's announcement of a result that comes alone: the inbox row and the
+    result event are one statement on PostgreSQL, which commits by itself (no BEGIN); a
+    result whose attempt has ended writes neither."""
+    jobs = [(await api.pending_job())[0] for _ in range(2)]
+    async with unit_of_work(api.deps.sessionmaker) as session:
+        current, stale = [
+            job
+            for job in await job_service.claim_many(
+                session, [(job_id, f"req_{job_id}") for job_id in jobs], consumer="workflow"
+            )
+            if job is not None
+        ]
+    async with unit_of_work(api.deps.sessionmaker) as session:
+        assert await job_service.claim(session, stale.id) is not None  # a newer attempt
+    statements = _count_statements(api.deps.engine)
+    begins = count_begins(monkeypatch)
+    group = GroupCommit(api.deps.sessionmaker)
+
+    announced = await group.run_batched(workflow._announce_many, _failed(current), order="2")
+    sent = [s.split()[0] for s in statements]
+    after_current = len(begins)
+    discarded = await group.run_batched(workflow._announce_many, _failed(stale), order="2")
+
+    assert (announced, discarded) == (True, False)
+    assert await _failures_announced(api) == [current.id]
+    assert await recorded(api, "workflow", f"req_{current.id}")
+    assert not await recorded(api, "workflow", f"req_{stale.id}")
+    if api.deps.engine.dialect.name == "postgresql":
+        assert (sent, after_current) == (["WITH"], 0)
+
+
+def _failed(job: Job) -> Any:
+    """The worker's result of `job`'s attempt (a failure), as its message brought it."""
+    event = AIGenerationJobFailed(
+        job_id=job.id,
+        account_id=job.account_id,
+        attempt=job.attempt,
+        error={"code": "test", "message": "scripted"},
+    )
+    requested = AIGenerationJobRequested(
+        job_id=job.id, account_id=job.account_id, model=job.model, input=job.input
+    )
+    request = dataclasses.replace(Envelope.wrap(requested), id=f"req_{job.id}")
+    return workflow._Result(request, job, event)
+
+
+async def _failures_announced(api: Api) -> list[str]:
+    """The jobs whose failure events the outbox holds."""
+    async with api.deps.sessionmaker() as session:
+        bodies = (await session.scalars(select(OutboxMessage.body))).all()
+    events = [Envelope.from_json(body) for body in bodies]
+    return [e.data["job_id"] for e in events if e.type == "AIGenerationJobFailed"]

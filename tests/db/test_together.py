@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import bindparam, event, exc, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from aigen.bus import inbox
 from aigen.db import together
 from aigen.db.base import table
 from aigen.db.session import Sessionmaker, unit_of_work
@@ -196,3 +197,42 @@ async def test_a_write_it_cannot_send_as_given_is_refused(sessionmaker: Sessionm
                     (_CHANGE_BALANCE, [{"b_account": "acct_1"}]),
                 ],
             )
+
+
+@pytest.mark.parametrize("then", ["insert", "update"])
+async def test_write_if_writes_only_after_the_first_statement_acted(
+    engine: AsyncEngine, sessionmaker: Sessionmaker, then: str
+) -> None:
+    """`write_if`: the second write only where the first returned a row (an inbox record
+    made now); on PostgreSQL the pair is one statement."""
+    async with unit_of_work(sessionmaker) as session:
+        await together.write(session, [(_ADD_ACCOUNTS, [_account("acct_1", 10)])])
+    # The record of an event only while its account exists (`inbox.Condition`).
+    exists = select(_ACCOUNTS.c.id).where(_ACCOUNTS.c.id == bindparam("c_account")).exists()
+    first = inbox.Condition(exists).statements[engine.dialect.name == "postgresql"]
+    seen: list[str] = []
+    event.listen(engine.sync_engine, "before_cursor_execute", lambda *a: seen.append(a[2]))
+    acted = []
+    for n, event_id in enumerate(["evt_1", "evt_1", "evt_2"]):
+        writes: together.Write = (
+            (_ADD_ACCOUNTS, [_account(f"acct_{event_id}_{n}", 0)])
+            if then == "insert"
+            else (_CHANGE_BALANCE, [{"b_account": "acct_1", "b_delta": 5}])
+        )
+        record = {"consumer": "test", "event_id": event_id, "processed_at": _AT}
+        record["c_account"] = "acct_1"
+        async with unit_of_work(sessionmaker) as session:
+            acted.append(await together.write_if(session, first, record, writes))
+    statements = [s.split()[0] for s in seen if not s.startswith("BEGIN")]
+    async with sessionmaker() as session:
+        accounts = dict((await session.execute(select(Account.id, Account.balance))).all())
+
+    assert acted == [True, False, True]  # the event recorded before: nothing written
+    if then == "insert":
+        assert set(accounts) == {"acct_1", "acct_evt_1_0", "acct_evt_2_2"}
+    else:
+        assert accounts == {"acct_1": 20}
+    if engine.dialect.name == "postgresql":
+        assert statements == ["WITH"] * 3
+    else:  # the record, and the write only after a record made
+        assert statements == ["INSERT", statements[1], "INSERT", "INSERT", statements[1]]

@@ -111,10 +111,19 @@ async def first_time_if(
     event_id: str,
     condition: Condition,
     params: Mapping[str, Any],
+    *,
+    then: together.Write | None = None,
+    alone: bool = False,
 ) -> bool:
     """`first_time`, only while `condition` holds (with `params`): False when the event
-    was recorded before or the condition is false, and then nothing is recorded."""
-    return await _record(session, condition.statements, consumer, event_id, params)
+    was recorded before or the condition is false, and then nothing is recorded.
+
+    `then`: writes made only when the event is recorded now, in the same statement on
+    PostgreSQL (`together.write_if`); `alone`: that statement may commit by itself
+    (`driver.execute`), when nothing the caller does after it must commit with it."""
+    return await _record(
+        session, condition.statements, consumer, event_id, params, then=then, alone=alone
+    )
 
 
 async def _record(
@@ -123,12 +132,15 @@ async def _record(
     consumer: str,
     event_id: str,
     params: Mapping[str, Any],
+    *,
+    then: together.Write | None = None,
+    alone: bool = False,
 ) -> bool:
-    inserted = await driver.execute(
-        session,
-        statements[is_postgres(session)],
-        {**params, "consumer": consumer, "event_id": event_id, "processed_at": utcnow()},
-    )
+    statement = statements[is_postgres(session)]
+    values = {**params, "consumer": consumer, "event_id": event_id, "processed_at": utcnow()}
+    if then is not None:
+        return await together.write_if(session, statement, values, then, alone=alone)
+    inserted = await driver.execute(session, statement, values, alone=alone)
     return inserted.scalar() is not None
 
 

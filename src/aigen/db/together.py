@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Select, Table, func, insert, select
+from sqlalchemy import Executable, Select, Table, func, insert, literal_column, select
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql import visitors
@@ -67,6 +67,46 @@ async def write(session: AsyncSession, writes: Sequence[Write]) -> int:
     for statement, rows in writes:
         count = (await driver.execute(session, statement, list(rows))).rowcount
     return count
+
+
+async def write_if(
+    session: AsyncSession,
+    first: Executable,
+    params: Mapping[str, Any],
+    then: Write,
+    *,
+    alone: bool = False,
+) -> bool:
+    """`first`, a statement that returns a row when it acts (an `INSERT … SELECT … ON
+    CONFLICT DO NOTHING RETURNING` of bound parameters, say: `inbox.Condition`'s), run
+    with `params`; and `then`'s rows written only if it did. Returns whether it did.
+
+    On PostgreSQL the two are one statement: `first` a data-modifying CTE, `then` another
+    whose rows are taken only while the first CTE returned one, and a count of those
+    (the CTEs see each other's RETURNING, not each other's rows in the tables). So the
+    pair is one round trip, atomic on its own, and with `alone` (`driver.execute`) may
+    commit by itself. Elsewhere, one after the other."""
+    statement, rows = then
+    if not rows:
+        return (await driver.execute(session, first, params, alone=alone)).scalar() is not None
+    if is_postgres(session):
+        combined = _after(first, statement, tuple(rows[0]))
+        arrays = {_array(0, key): [row[key] for row in rows] for key in rows[0]}
+        found = await driver.execute(session, combined, {**params, **arrays}, alone=alone)
+        return bool(found.scalar())
+    if (await driver.execute(session, first, params, alone=alone)).scalar() is None:
+        return False
+    await write(session, [then])
+    return True
+
+
+@functools.lru_cache(maxsize=16)
+def _after(first: Executable, statement: Statement, keys: tuple[str, ...]) -> Select[Any]:
+    """`write_if`'s one statement, built once per pair: `then` only where `first` acted."""
+    acted = cast(Any, first).cte("w_first")
+    acting = select(literal_column("1")).select_from(acted).exists()
+    body = _from_arrays(0, statement, keys, only_if=acting)
+    return select(func.count()).select_from(acted).add_cte(body.cte("w0"))
 
 
 def rows_of_arrays(table: Table, keys: Sequence[str]) -> Select[Any]:
@@ -111,15 +151,23 @@ def _combined(shape: _Shape) -> Statement:
     return last.add_cte(*(part.cte(f"w{number}") for number, part in enumerate(before)))
 
 
-def _from_arrays(number: int, statement: Statement, keys: tuple[str, ...]) -> Statement:
-    """`statement` for a row per element of arrays named `w<number>_<key>`."""
+def _from_arrays(
+    number: int,
+    statement: Statement,
+    keys: tuple[str, ...],
+    *,
+    only_if: ColumnElement[bool] | None = None,
+) -> Statement:
+    """`statement` for a row per element of arrays named `w<number>_<key>`; `only_if`: a
+    condition that every row also needs."""
     if isinstance(statement, Insert):
         table = statement.table
         _check_plain_insert(statement, keys)
         rows = _unnest(number, {key: table.c[key].type for key in keys})
-        return insert(table).from_select(
-            list(keys), select(*(rows.c[key] for key in keys)), include_defaults=False
-        )
+        values = select(*(rows.c[key] for key in keys))
+        if only_if is not None:
+            values = values.where(only_if)
+        return insert(table).from_select(list(keys), values, include_defaults=False)
     binds: dict[str, BindParameter[Any]] = {}
 
     def found(bind: BindParameter[Any]) -> None:
@@ -138,8 +186,8 @@ def _from_arrays(number: int, statement: Statement, keys: tuple[str, ...]) -> St
         return None
 
     replaced = visitors.replacement_traverse(statement, {}, column)
-    assert isinstance(replaced, Insert | Update | Delete)
-    return replaced
+    assert isinstance(replaced, Update | Delete)
+    return replaced.where(only_if) if only_if is not None else replaced
 
 
 def _type_of(statement: Statement, bind: BindParameter[Any]) -> Any:

@@ -254,16 +254,29 @@ async def _announce(
 ) -> bool:
     """Queue the result event, with this consumer's inbox row; False when it was not.
 
-    The inbox row is written only while the attempt is still running, in one statement.
+    The inbox row is written only while the attempt is still running, and the event only
+    with it: on PostgreSQL one statement, which commits by itself when the announcement
+    is its transaction's only unit (one round trip where BEGIN, two statements and COMMIT
+    were four; nothing after it writes).
     """
     running = job_service.running_params(job.id, job.attempt)
-    if not await inbox.first_time_if(session, CONSUMER, envelope.id, job_service.RUNNING, running):
+    events = [Envelope.wrap(event, traceparent=envelope.traceparent)]
+    # Events that go into the embedded queue, in the same database, are added after the
+    # record, in its transaction: then it must not commit by itself.
+    then = None if outbox.writes_through(session) else outbox.adding(session, events)
+    alone = then is not None
+    if not await inbox.first_time_if(
+        session, CONSUMER, envelope.id, job_service.RUNNING, running, then=then, alone=alone
+    ):
         # Recorded before (a redelivery: nothing to say), or the attempt has ended (a
         # cancel, a sweep): which one is read only on this rare path.
         if not await job_service.is_running(session, job.id, job.attempt):
             log.info("workflow.result_discarded", job_id=job.id, reason="job no longer running")
         return False
-    await outbox.add_many(session, [Envelope.wrap(event, traceparent=envelope.traceparent)])
+    if then is None:
+        await outbox.add_many(session, events)
+    else:
+        outbox.added(session, events)
     return True
 
 
