@@ -19,6 +19,9 @@ from aigen.db.session import Sessionmaker, unit_of_work
 from aigen.models import InboxMessage
 from tests.fixtures.asyncpg_calls import count_begins
 
+# Built once, as the hot statements are (the driver keeps a plan per statement object).
+_ADD = insert(table(InboxMessage))
+
 
 async def _recorded(sessionmaker: Sessionmaker) -> set[str]:
     async with sessionmaker() as session:
@@ -275,6 +278,3 @@ async def test_a_unit_alone_may_send_its_first_statement_outside_the_transaction
         assert await _recorded(sessionmaker) == {"evt_one", "evt_first", *shared_ids}
     else:  # SQLite's BEGIN IMMEDIATE goes with the transaction: all is in it
         assert await _recorded(sessionmaker) == {"evt_one", *shared_ids}
-
-
-_ADD = insert(table(InboxMessage))

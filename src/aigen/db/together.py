@@ -22,6 +22,10 @@ A write is a statement and its rows (the driver's `executemany` shape):
 - an UPDATE or DELETE whose bound parameters take the rows' values. Each row must name
   rows of its own: PostgreSQL's `UPDATE … FROM` changes a row once, whichever match
   it takes (`billing.holding` sums an account's holds first, for this).
+
+`write_if` sends one write after a statement that says whether it acted (an inbox record
+made now): on PostgreSQL the write's rows are taken only where the statement returned a
+row, in the same statement (the worker's announcement: its inbox row and its event).
 """
 
 from __future__ import annotations
