@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Generic, TypeVar
+from collections.abc import Iterable
+from typing import Any, Generic, TypeVar
 
 Item = TypeVar("Item")
 
@@ -24,6 +25,14 @@ async def wait_any(seconds: float | None, *events: asyncio.Event) -> None:
     finally:
         for waiter in waiters:
             waiter.cancel()
+
+
+def fail(futures: Iterable[asyncio.Future[Any]], error: BaseException) -> None:
+    """`error` for each of a batch's `futures` still waiting (a caller that was cancelled
+    has its answer already): what every `Batcher` does with a batch that failed."""
+    for future in futures:
+        if not future.done():
+            future.set_exception(error)
 
 
 # How seldom, at most, an idle polling loop looks (`IdlePoll`).

@@ -24,7 +24,7 @@ import asyncio
 
 from aiormq.abc import AbstractChannel
 
-from aigen.aio import Batcher
+from aigen.aio import Batcher, fail
 
 # A delivery tag; how to settle it (None: ack; else nack or reject, and whether to
 # requeue); its caller's future.
@@ -84,9 +84,7 @@ class Settler(Batcher[_Settlement]):
                 else:
                     await self._channel.basic_reject(tag, requeue=how[1])
         except Exception as error:
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(error)
+            fail((future for _, _, future in batch), error)
             return
         except BaseException:
             for _, _, future in batch:

@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from aigen.aio import Batcher
+from aigen.aio import Batcher, fail
 
 from .driver import ALONE
 from .errors import unreachable
@@ -129,7 +129,7 @@ class GroupCommit(Batcher[_Queued]):
                 if unreachable(error):
                     self._fail_all(batch[number:], error)
                     return
-                _fail(future, error)
+                fail([future], error)
             else:
                 if not future.done():
                     future.set_result(result)
@@ -137,8 +137,7 @@ class GroupCommit(Batcher[_Queued]):
     def _fail_all(self, batch: Sequence[_Queued], error: Exception) -> None:
         """The database is out of reach: those queued behind would wait out the same
         timeouts in turn, so they fail now too, as their own transactions would."""
-        for *_, future in [*batch, *self._take_waiting()]:
-            _fail(future, error)
+        fail((future for *_, future in [*batch, *self._take_waiting()]), error)
 
 
 async def _each(session: AsyncSession, works: Sequence[Work[Any]]) -> list[Any]:
@@ -162,8 +161,3 @@ async def _call(work: BatchWork[Any, Any], session: AsyncSession, items: list[An
     if len(results) != len(items):
         raise RuntimeError(f"{work!r} gave {len(results)} results for {len(items)} items")
     return results
-
-
-def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
-    if not future.done():
-        future.set_exception(error)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 
-from aigen.aio import Batcher
+from aigen.aio import Batcher, fail
 from aigen.backend.job import service as job_service
 from aigen.bootstrap import Deps
 from aigen.db.errors import unreachable
@@ -70,9 +70,7 @@ class Intake(Batcher[tuple[job_service.Candidate, "asyncio.Future[Outcome]"]]):
                 # batch after another; they get the same 503 now, as their own
                 # transactions would have given them.
                 batch = [*batch, *self._take_waiting()]
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(error)
+            fail((future for _, future in batch), error)
             return
         except BaseException:
             for _, future in batch:

@@ -24,7 +24,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from aigen.aio import Batcher
+from aigen.aio import Batcher, fail
 from aigen.errors import ServiceUnavailable
 
 from . import windows
@@ -231,9 +231,7 @@ class _Pipelined(Batcher[_Call]):
                 # Redis is out of reach: the calls queued behind would each wait out the
                 # same timeout one batch after another; they fail now, with this one.
                 batch = [*batch, *self._take_waiting()]
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(error)
+            fail((future for _, _, future in batch), error)
             return
         except BaseException:
             for _, _, future in batch:
