@@ -4,18 +4,25 @@ the same jobs, money and assets as one result after another, in a few statements
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
+import pytest
 from sqlalchemy import event, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from aigen.backend import handlers
 from aigen.backend.billing import service as billing
 from aigen.backend.job import service as job_service
+from aigen.bus import inbox
 from aigen.bus.messages import AIGenerationJobCompleted, AssetRef, Envelope
+from aigen.db import together
+from aigen.db.group import GroupCommit
 from aigen.db.session import unit_of_work
 from aigen.models import Asset, CreditEntry, Job
 from aigen.serving.base import Usage
+from tests.fixtures.asyncpg_calls import count_begins
 from tests.fixtures.platform import Api, Customer
 
 
@@ -168,3 +175,90 @@ async def test_the_backend_settles_each_result_once_however_it_comes(api: Api) -
         assert await billing.ledger_sum(session, customer.account_id) == 100 - 4 * 3
         kinds = await session.scalars(select(CreditEntry.kind).where(CreditEntry.job_id == jobs[1]))
         assert sorted(kinds) == ["capture", "hold", "release"]
+
+
+async def test_results_alone_settle_as_in_a_transaction_each(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The backend's results that come alone (most of them below the maximum): the jobs,
+    money, assets and outcomes of a transaction each (the inbox row, then the result),
+    and on PostgreSQL a fresh result is a read of its job and one statement, with no
+    BEGIN: both commit by themselves."""
+    ids, accounts, results = await _scenario(api)
+    before_ids, before_accounts, before = await _scenario(api)
+    envelopes = [Envelope.wrap(result) for result in results]
+    envelopes.append(envelopes[0])  # redelivered
+    statements: list[str] = []
+    event.listen(
+        api.deps.engine.sync_engine, "before_cursor_execute", lambda *a: statements.append(a[2])
+    )
+    begins = count_begins(monkeypatch)
+    group = GroupCommit(api.deps.sessionmaker)
+
+    def apply(session: AsyncSession, alone: Sequence[Envelope]) -> Any:
+        return handlers._apply_completed(session, alone, _pricer)
+
+    outcomes = [await group.run_batched(apply, envelopes[0], order="a")]
+    first = ([s.split()[0] for s in statements], len(begins))
+    outcomes += [await group.run_batched(apply, e, order="a") for e in envelopes[1:]]
+    expected = []
+    before_envelopes = [Envelope.wrap(result) for result in before]
+    for envelope in [*before_envelopes, before_envelopes[0]]:
+        async with unit_of_work(api.deps.sessionmaker) as session:
+            expected.append(await handlers._apply(session, envelope, _pricer))
+
+    assert [o for o, _ in outcomes] == [
+        *("completed", "completed", "stale", "completed", "stale", "stale", "duplicate")
+    ]
+    ended = [(o, ids.index(j.id) if j else None) for o, j in outcomes]
+    assert ended == [(o, before_ids.index(j.id) if j else None) for o, j in expected]
+    state = await _state(api, ids, accounts)
+    assert state == await _state(api, before_ids, before_accounts)
+    if api.deps.engine.dialect.name == "postgresql":
+        assert first == (["SELECT", "WITH"], 0)
+
+
+def _pricer(model: str, usage: Usage) -> int:
+    return usage.output_tokens
+
+
+# Only where the read runs outside the transaction: on SQLite the read begins it, and the
+# cancel of another session would wait for it.
+@pytest.mark.parametrize(
+    "database_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+)
+async def test_a_result_whose_job_moves_on_after_its_read_settles_nothing(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job read for a result alone is canceled before the result's statement: the
+    statement changes nothing (no charge, no assets, no ledger rows, no inbox row), and
+    the result is stale, its job the canceled one."""
+    customer = await api.customer(credits=100)
+    [job_id] = await _processing(api, customer, 1)
+    envelope = Envelope.wrap(_result(job_id, customer.account_id, tokens=4))
+    write_after = together.write_after
+
+    async def canceled_first(*args: Any, **kwargs: Any) -> Any:
+        async with unit_of_work(api.deps.sessionmaker) as other:
+            await job_service.cancel(other, job_id, account_id=customer.account_id)
+        return await write_after(*args, **kwargs)
+
+    monkeypatch.setattr(together, "write_after", canceled_first)
+    group = GroupCommit(api.deps.sessionmaker)
+    outcome, ended = await group.run_batched(
+        lambda session, alone: handlers._apply_completed(session, alone, _pricer), envelope
+    )
+
+    assert outcome == "stale"
+    assert ended is not None
+    assert (ended.id, ended.status) == (job_id, "canceled")
+    async with api.deps.sessionmaker() as session:
+        job = await session.get(Job, job_id)
+        assert job is not None
+        assert (job.status, job.credits_charged, job.usage) == ("canceled", 0, None)
+        kinds = await session.scalars(select(CreditEntry.kind).where(CreditEntry.job_id == job_id))
+        assert sorted(kinds) == ["hold", "release"]
+        assert (await session.scalars(select(Asset).where(Asset.job_id == job_id))).all() == []
+        assert await billing.balance(session, customer.account_id) == 100
+        assert await billing.ledger_sum(session, customer.account_id) == 100
+        assert not await inbox.recorded(session, handlers.CONSUMER, [envelope.id])

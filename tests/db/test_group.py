@@ -278,3 +278,39 @@ async def test_a_unit_alone_may_send_its_first_statement_outside_the_transaction
         assert await _recorded(sessionmaker) == {"evt_one", "evt_first", *shared_ids}
     else:  # SQLite's BEGIN IMMEDIATE goes with the transaction: all is in it
         assert await _recorded(sessionmaker) == {"evt_one", *shared_ids}
+
+
+async def test_a_plain_read_alone_leaves_the_first_write_its_turn(
+    engine: AsyncEngine, sessionmaker: Sessionmaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A `SELECT` that locks nothing, sent `alone`, goes outside the transaction too, and
+    the write after it may still commit by itself (on PostgreSQL, no BEGIN for either); a
+    read that locks rows takes the unit's turn, and the write after it is the
+    transaction's, which rolls back with the unit's error."""
+    async with unit_of_work(sessionmaker) as session:
+        await session.execute(select(1))  # (a new engine's first connection asks the server)
+    begins = count_begins(monkeypatch)
+    group = GroupCommit(sessionmaker)
+    row = {"consumer": "test", "processed_at": datetime(2026, 1, 1, tzinfo=UTC)}
+    plain = select(InboxMessage.__table__.c.event_id)
+
+    def unit(read: Any, event_id: str) -> Any:
+        async def work(session: AsyncSession) -> None:
+            await driver.execute(session, read, {}, alone=True)
+            await driver.execute(session, _ADD, row | {"event_id": event_id}, alone=True)
+            raise ValueError("after its statements")
+
+        return work
+
+    with pytest.raises(ValueError, match="after its statements"):
+        await group.run(unit(plain, "evt_after_read"))
+    counts = [len(begins)]
+    with pytest.raises(ValueError, match="after its statements"):
+        await group.run(unit(plain.with_for_update(), "evt_after_lock"))
+    counts.append(len(begins))
+
+    if engine.dialect.name == "postgresql":
+        assert counts == [0, 1]
+        assert await _recorded(sessionmaker) == {"evt_after_read"}
+    else:  # SQLite's BEGIN IMMEDIATE goes with the transaction: all is in it
+        assert await _recorded(sessionmaker) == set()

@@ -105,6 +105,8 @@ async def _apply_completed(
 ) -> list[tuple[str, Job | None]]:
     """`_apply` of several completed results, with the statements of all of them shared
     (`job_service.apply_completed_many`)."""
+    if len(envelopes) == 1:
+        return [await _apply_one_completed(session, envelopes[0], pricer)]
     fresh = await inbox.first_time_many(session, CONSUMER, [e.id for e in envelopes])
     firsts: list[Envelope] = []  # recorded now: each event once, however often it came
     for envelope in envelopes:
@@ -125,6 +127,28 @@ async def _apply_completed(
         outcome = "completed" if applied.pop(envelope.id) else "stale"
         outcomes.append((outcome, await _ended(session, envelope.job_id)))
     return outcomes
+
+
+async def _apply_one_completed(
+    session: AsyncSession, envelope: Envelope, pricer: Pricer
+) -> tuple[str, Job | None]:
+    """`_apply` of one completed result: applied first, its inbox row written with it
+    (`job_service.apply_completed_recording`: on PostgreSQL a read and one statement,
+    which commit by themselves when the result comes alone); a result recorded before
+    cannot apply, since it left its job no longer processing at its attempt."""
+    message = _completed(envelope)
+    usage = Usage(**message.usage)
+    job = await job_service.apply_completed_recording(
+        session,
+        message,
+        price=lambda job: pricer(job.model, usage),
+        record=inbox.recording(CONSUMER, envelope.id),
+    )
+    if job is not None:
+        return "completed", job
+    if await inbox.recorded(session, CONSUMER, [envelope.id]):
+        return "duplicate", None
+    return "stale", await _ended(session, envelope.job_id)
 
 
 def _completed(envelope: Envelope) -> AIGenerationJobCompleted:

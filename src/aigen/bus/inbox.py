@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, bindparam, delete, func, select
+from sqlalchemy import ColumnElement, Select, bindparam, delete, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aigen.clock import utcnow
@@ -142,6 +142,17 @@ async def _record(
         return await together.write_if(session, statement, values, then, alone=alone)
     inserted = await driver.execute(session, statement, values, alone=alone)
     return inserted.scalar() is not None
+
+
+def recording(consumer: str, event_id: str) -> together.Write:
+    """The record of an event as a write (`db.together`) to make after another statement
+    only if that one acts: a plain INSERT, for an event that cannot have been recorded
+    if that statement acts (the backend's settlement: a result applied once leaves its
+    job no longer processing at its attempt)."""
+    return _INSERT, [{"consumer": consumer, "event_id": event_id, "processed_at": utcnow()}]
+
+
+_INSERT = insert(_TABLE)
 
 
 def unrecorded_params(consumer: str, event_id: str) -> dict[str, str]:

@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-from sqlalchemy import exc
+from sqlalchemy import Select, exc
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.sql import Executable
@@ -102,10 +102,19 @@ async def execute(
     unit of work (`ALONE`, set by `db.group`) on asyncpg: sent outside a transaction, as
     one round trip, not BEGIN, the statement and COMMIT (the worker's claim is most
     often a transaction of that one statement). What the unit sends after it runs in a
-    transaction that begins then. Elsewhere it runs in the transaction as any other."""
+    transaction that begins then. Elsewhere it runs in the transaction as any other.
+
+    A plain read (a `SELECT` that locks nothing) sent `alone` goes outside the
+    transaction too, and leaves the next statement its turn: under READ COMMITTED each
+    statement reads its own snapshot, so a read that locks nothing gets the same rows
+    inside a transaction or before it (the backend's settlement alone: a read of the
+    job, then one statement that commits by itself)."""
     dialect = session.get_bind().dialect
     rows: Sequence[Params] = [params] if isinstance(params, Mapping) else params
-    alone = session.info.pop(ALONE, False) and alone
+    if alone and _plain_read(statement):
+        alone = bool(session.info.get(ALONE, False))
+    else:
+        alone = session.info.pop(ALONE, False) and alone
     if rows and (dialect.name, dialect.driver) in _DRIVERS:
         # A list of one is the same statement with its one set of parameters.
         many = len(rows) > 1
@@ -291,6 +300,10 @@ def _orm(statement: Any) -> bool:
     # statement carries the ORM's plugin from the entities it names.
     plugin = getattr(statement, "_propagate_attrs", {}).get("compile_state_plugin")
     return bool(plugin == "orm")
+
+
+def _plain_read(statement: Executable) -> bool:
+    return isinstance(statement, Select) and statement._for_update_arg is None
 
 
 async def _driver(

@@ -23,9 +23,12 @@ A write is a statement and its rows (the driver's `executemany` shape):
   rows of its own: PostgreSQL's `UPDATE … FROM` changes a row once, whichever match
   it takes (`billing.holding` sums an account's holds first, for this).
 
-`write_if` sends one write after a statement that says whether it acted (an inbox record
-made now): on PostgreSQL the write's rows are taken only where the statement returned a
-row, in the same statement (the worker's announcement: its inbox row and its event).
+`write_after` sends writes after a statement that returns what it acted on, made only if
+it acted: on PostgreSQL the writes' rows are taken only where the statement returned a
+row, in the same statement (the backend's settlement of a result that comes alone: the
+job's transition, then its inbox row, assets, ledger rows and balance). `write_if` is
+its case of one write after a statement that returns a row when it acts (the worker's
+announcement: its inbox row made now, then its event).
 """
 
 from __future__ import annotations
@@ -83,34 +86,53 @@ async def write_if(
 ) -> bool:
     """`first`, a statement that returns a row when it acts (an `INSERT … SELECT … ON
     CONFLICT DO NOTHING RETURNING` of bound parameters, say: `inbox.Condition`'s), run
-    with `params`; and `then`'s rows written only if it did. Returns whether it did.
+    with `params`; and `then`'s rows written only if it did. Returns whether it did
+    (`write_after`, whose one statement this is on PostgreSQL)."""
+    return bool((await write_after(session, first, params, [then], alone=alone)).rows)
 
-    On PostgreSQL the two are one statement: `first` a data-modifying CTE, `then` another
-    whose rows are taken only while the first CTE returned one, and a count of those
-    (the CTEs see each other's RETURNING, not each other's rows in the tables). So the
-    pair is one round trip, atomic on its own, and with `alone` (`driver.execute`) may
-    commit by itself. Elsewhere, one after the other."""
-    statement, rows = then
-    if not rows:
-        return (await driver.execute(session, first, params, alone=alone)).scalar() is not None
-    if is_postgres(session):
-        combined = _after(first, statement, tuple(rows[0]))
-        arrays = {_array(0, key): [row[key] for row in rows] for key in rows[0]}
-        found = await driver.execute(session, combined, {**params, **arrays}, alone=alone)
-        return bool(found.scalar())
-    if (await driver.execute(session, first, params, alone=alone)).scalar() is None:
-        return False
-    await write(session, [then])
-    return True
+
+async def write_after(
+    session: AsyncSession,
+    first: Executable,
+    params: Mapping[str, Any],
+    then: Sequence[Write],
+    *,
+    alone: bool = False,
+) -> driver.Rows:
+    """`first`, a statement that returns the rows it acted on (`… RETURNING`), run with
+    `params`; and `then`'s writes (those with rows) made only if it returned any.
+    Returns `first`'s rows.
+
+    On PostgreSQL they are one statement: `first` a data-modifying CTE, each write
+    another whose rows are taken only while the first CTE returned one (the CTEs see
+    each other's RETURNING, not each other's rows in the tables), and `first`'s rows
+    selected. So they are one round trip, atomic on their own, and with `alone`
+    (`driver.execute`) may commit by themselves. Elsewhere, one after the other."""
+    writes = [(statement, rows) for statement, rows in then if rows]
+    if writes and is_postgres(session):
+        combined = _after(first, tuple((statement, tuple(rows[0])) for statement, rows in writes))
+        arrays = {
+            _array(number, key): [row[key] for row in rows]
+            for number, (_, rows) in enumerate(writes)
+            for key in rows[0]
+        }
+        return await driver.execute(session, combined, {**params, **arrays}, alone=alone)
+    acted = await driver.execute(session, first, params, alone=alone)
+    if acted.rows and writes:
+        await write(session, writes)
+    return acted
 
 
 @functools.lru_cache(maxsize=16)
-def _after(first: Executable, statement: Statement, keys: tuple[str, ...]) -> Select[Any]:
-    """`write_if`'s one statement, built once per pair: `then` only where `first` acted."""
+def _after(first: Executable, shape: _Shape) -> Select[Any]:
+    """`write_after`'s one statement, built once per `first` and shape of the writes."""
     acted = cast(Any, first).cte("w_first")
     acting = select(literal_column("1")).select_from(acted).exists()
-    body = _from_arrays(0, statement, keys, only_if=acting)
-    return select(func.count()).select_from(acted).add_cte(body.cte("w0"))
+    writes = [
+        _from_arrays(number, statement, keys, only_if=acting).cte(f"w{number}")
+        for number, (statement, keys) in enumerate(shape)
+    ]
+    return select(*acted.c).add_cte(*writes)
 
 
 def rows_of_arrays(table: Table, keys: Sequence[str]) -> Select[Any]:

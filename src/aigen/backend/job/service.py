@@ -659,6 +659,63 @@ _SET_CHARGED = (
 )
 
 
+async def apply_completed_recording(
+    session: AsyncSession,
+    message: AIGenerationJobCompleted,
+    *,
+    price: Callable[[Job], int],
+    record: together.Write,
+) -> Job | None:
+    """`apply_completed`, with `record` (the consumer's inbox row of the result) written
+    only if the result applies: the job if it did, None if not (the job has moved on,
+    or the result was applied before).
+
+    A result that comes alone, the common case below the maximum, was a transaction of
+    BEGIN, the inbox row, the transition, the settlement and COMMIT. Here the job is
+    read first, outside the transaction (`driver.execute`'s plain read: what is read
+    never changes once the job is processing, its model and hold, and the transition
+    checks its state again), and its price settled from it; then one statement makes the
+    transition and, only if it acted, the record, the assets, the ledger rows and the
+    balance (`together.write_after`), and commits by itself when the unit comes alone.
+    """
+    found = await driver.execute(session, _JOB, {"job_id": message.job_id}, alone=True)
+    row = found.one_or_none()
+    if row is None:
+        return None
+    job = as_loaded(session, Job, dict(zip(found.keys, row, strict=True)))
+    if job.status != PROCESSING or job.attempt != message.attempt:
+        return None
+    charged, settling = billing.settling(job, price=price(job))
+    now = utcnow()
+    changes = {
+        "status": COMPLETED,
+        "updated_at": now,
+        "completed_at": now,
+        "usage": dict(message.usage),
+        "progress": None,
+        "credits_charged": charged,
+    }
+    params = {f"new_{name}": value for name, value in changes.items() if value is not None}
+    params |= {"job_id": job.id, "fence_attempt": message.attempt}
+    statement = _transition_statement(
+        (PROCESSING,), True, tuple((name, value is None) for name, value in changes.items())
+    )
+    assets = [_asset_row(job, asset) for asset in message.assets]
+    done = await together.write_after(
+        session, statement, params, [record, (_ADD_ASSETS, assets), *settling], alone=True
+    )
+    if not done.rows:
+        # Raced (canceled, or claimed again): what the caller reads next is read anew.
+        session.expunge(job)
+        return None
+    completed = as_loaded(session, Job, done.mappings()[0])
+    notices.after_commit(session, ENDED, [completed.id])
+    return completed
+
+
+_JOB = select(*_JOBS.c).where(_JOBS.c.id == bindparam("job_id"))
+
+
 async def apply_completed_many(
     session: AsyncSession,
     messages: Sequence[AIGenerationJobCompleted],
