@@ -6,16 +6,19 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from aigen.clock import utcnow
 from aigen.config import Settings
+from aigen.db.group import GroupCommit
 from aigen.db.session import Sessionmaker, unit_of_work
 from aigen.models import WebhookDelivery, WebhookEndpoint
 from aigen.notifications import dispatcher, repository, service
 from aigen.notifications.dispatcher import Dispatcher
 from aigen.notifications.sender import AttemptResult
 from aigen.notifications.service import JOB_COMPLETED
+from tests.fixtures.asyncpg_calls import count_begins
 
 from .factories import create_account, create_endpoint, create_job
 from .helpers import build_payload, load_attempts, load_deliveries
@@ -103,6 +106,45 @@ class TestAttemptsEndingTogether:
             assert (delivery.status, delivery.delivered_at) == ("delivered", now)
             assert (delivery.leased_until, delivery.next_attempt_at) == (None, None)
         assert states[claims[2].id].status == "pending"
+
+    async def test_a_success_alone_is_one_statement_that_commits_by_itself(
+        self,
+        engine: AsyncEngine,
+        sessionmaker: Sessionmaker,
+        settings: Settings,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """The record of a success that ends alone (most of them below the maximum): the
+        attempt's row and its delivery's new state, one statement on PostgreSQL, which
+        commits by itself (no BEGIN). A failure's record is a transaction."""
+        for n in range(2):
+            await one_delivery(sessionmaker, f"https://hooks.example.com/{n}")
+        delivered, retried = await claim(sessionmaker)
+        statements: list[str] = []
+        event.listen(
+            engine.sync_engine, "before_cursor_execute", lambda *a: statements.append(a[2])
+        )
+        begins = count_begins(monkeypatch)
+        group = GroupCommit(sessionmaker)
+
+        def ended(claimed: repository.Claim, result: AttemptResult) -> Any:
+            return dispatcher._Ended(claimed, dispatcher.Prepared(None), result, utcnow())
+
+        async with Dispatcher(sessionmaker, settings, payload_builder=build_payload) as d:
+            success = await group.run_batched(d._record, ended(delivered, AttemptResult(200)))
+            first = ([s.split()[0] for s in statements], len(begins))
+            failure = await group.run_batched(d._record, ended(retried, AttemptResult(503)))
+            second = len(begins) - first[1]
+
+        assert success[:2] == ("delivered", "delivered")
+        assert failure[:2] == ("pending", "pending")
+        states = {d.id: d.status for d in await load_deliveries(sessionmaker)}
+        assert states == {delivered.id: "delivered", retried.id: "pending"}
+        for claimed, code in [(delivered, 200), (retried, 503)]:
+            (row,) = await load_attempts(sessionmaker, claimed.id)
+            assert row.status_code == code
+        if engine.dialect.name == "postgresql":
+            assert (first, second) == ((["WITH"], 0), 1)
 
     async def test_recorded_together_as_each_would_be_alone(
         self, sessionmaker: Sessionmaker, settings: Settings

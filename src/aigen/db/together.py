@@ -59,21 +59,34 @@ async def write(session: AsyncSession, writes: Sequence[Write]) -> int:
     PostgreSQL, one after another elsewhere; returns how many rows the last one changed
     (-1 when the driver does not say: a last write of several rows run on its own, as
     the driver's `executemany`)."""
+    return (await write_rows(session, writes)).rowcount
+
+
+async def write_rows(
+    session: AsyncSession, writes: Sequence[Write], *, alone: bool = False
+) -> driver.Rows:
+    """`write`, with the rows that the last write returns, if it has a RETURNING (the
+    others' are not seen). `alone`: the writes may commit by themselves
+    (`driver.execute`), when they are all the caller's unit must commit together."""
     writes = [(statement, rows) for statement, rows in writes if rows]
-    if len(writes) > 1:
+    if not writes:
+        return driver.Rows([], 0)
+    if len(writes) > 1 or writes[-1][0]._returning:
         # Built (and checked) on every database, so that SQLite's tests see a misuse too.
         combined = _combined(tuple((statement, tuple(rows[0])) for statement, rows in writes))
-        if session.get_bind().dialect.name == "postgresql":
+        if is_postgres(session):
+            # (One statement from arrays: a list of rows with RETURNING would not be the
+            # driver's `executemany`.)
             params = {
                 _array(number, key): [row[key] for row in rows]
                 for number, (_, rows) in enumerate(writes)
                 for key in rows[0]
             }
-            return (await driver.execute(session, combined, params)).rowcount
-    count = 0
+            return await driver.execute(session, combined, params, alone=alone)
+    found = driver.Rows([], 0)
     for statement, rows in writes:
-        count = (await driver.execute(session, statement, list(rows))).rowcount
-    return count
+        found = await driver.execute(session, statement, list(rows), alone=alone)
+    return found
 
 
 async def write_if(
@@ -197,7 +210,9 @@ def _from_arrays(
     binds: dict[str, BindParameter[Any]] = {}
 
     def found(bind: BindParameter[Any]) -> None:
-        binds.setdefault(bind.key, bind)
+        # (An anonymous one holds a value the statement gives itself: `status = 'pending'`.)
+        if not bind.unique:
+            binds.setdefault(bind.key, bind)
 
     visitors.traverse(statement, {}, {"bindparam": found})
     if set(binds) != set(keys):

@@ -34,7 +34,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from aigen.clock import utcnow
 from aigen.config import Settings
-from aigen.db import driver
 from aigen.db.base import table
 from aigen.db.group import GroupCommit
 from aigen.db.session import Sessionmaker, unit_of_work
@@ -357,13 +356,18 @@ class Dispatcher:
 
     async def _record(self, session: AsyncSession, attempts: Sequence[_Ended]) -> list[Settled]:
         """The attempts' rows and their deliveries' new states, for all of them at once:
-        one multi-row INSERT of the attempts, and one UPDATE of the deliveries to a job's
-        own URL that succeeded (most of them); the others one by one (they may change
-        their endpoint too)."""
+        the attempts' rows and the deliveries to a job's own URL that succeeded (most of
+        them), in one statement on PostgreSQL; the others one by one (they may change
+        their endpoint too). When that statement is all of it, it may commit by itself."""
         now = utcnow()
-        await driver.execute(session, _ADD_ATTEMPT, [_attempt_row(ended) for ended in attempts])
         simple = [ended.claim for ended in attempts if _delivered_to_url(ended)]
-        delivered = await repository.settle_delivered(session, simple, now)
+        delivered = await repository.settle_delivered(
+            session,
+            simple,
+            now,
+            after=[(_ADD_ATTEMPT, [_attempt_row(ended) for ended in attempts])],
+            alone=len(simple) == len(attempts),
+        )
         settled: list[Settled] = []
         for ended in attempts:
             if _delivered_to_url(ended):

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, select, tuple_, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from aigen.db import driver
+from aigen.db import driver, together
 from aigen.db.base import table, unleased
 from aigen.models import WebhookDelivery
 
@@ -54,14 +54,20 @@ async def settle(session: AsyncSession, claim: Claim, **values: Any) -> bool:
 
 
 async def settle_delivered(
-    session: AsyncSession, claims: Sequence[Claim], now: datetime
+    session: AsyncSession,
+    claims: Sequence[Claim],
+    now: datetime,
+    *,
+    after: Sequence[together.Write] = (),
+    alone: bool = False,
 ) -> set[str]:
     """`settle` of several claims as delivered at `now`, in one statement: the ids of
-    those applied (the others were claimed again since)."""
-    if not claims:
-        return set()
-    params = {"claims": [(claim.id, claim.attempt) for claim in claims], "now": now}
-    return set((await driver.execute(session, _SETTLE_DELIVERED, params)).scalars())
+    those applied (the others were claimed again since). `after`: writes to make first,
+    in the same statement on PostgreSQL (the attempts' rows); `alone`: they may all
+    commit by themselves (`together.write_rows`)."""
+    rows = [{"d_id": claim.id, "d_attempt": claim.attempt, "d_now": now} for claim in claims]
+    settled = await together.write_rows(session, [*after, (_SETTLE_DELIVERED, rows)], alone=alone)
+    return set(settled.scalars()) if claims else set()
 
 
 _DELIVERIES = table(WebhookDelivery)
@@ -83,14 +89,16 @@ _CLAIM_DUE = (
     .values(leased_until=bindparam("lease_until"), attempts=_DELIVERIES.c.attempts + 1)
     .returning(_DELIVERIES.c.next_attempt_at, _DELIVERIES.c.id, _DELIVERIES.c.attempts)
 )
+# A row per claim (`db.together`): the delivery, unless claimed again since.
 _SETTLE_DELIVERED = (
     update(_DELIVERIES)
     .where(
-        tuple_(_DELIVERIES.c.id, _DELIVERIES.c.attempts).in_(bindparam("claims", expanding=True)),
+        _DELIVERIES.c.id == bindparam("d_id"),
+        _DELIVERIES.c.attempts == bindparam("d_attempt"),
         _DELIVERIES.c.status == PENDING,
     )
     .values(
-        status=DELIVERED, delivered_at=bindparam("now"), next_attempt_at=None, leased_until=None
+        status=DELIVERED, delivered_at=bindparam("d_now"), next_attempt_at=None, leased_until=None
     )
     .returning(_DELIVERIES.c.id)
 )
