@@ -23,6 +23,7 @@ from aigen.clock import utcnow
 from aigen.config import Settings
 from aigen.db.session import Sessionmaker, unit_of_work
 from aigen.models import OutboxMessage
+from tests.fixtures.asyncpg_calls import count_begins
 
 from .test_outbox_wakeup import RecordingBroker
 from .test_rabbitmq import eventually
@@ -236,3 +237,24 @@ async def test_the_publisher_outlives_the_parts_and_the_server_of_its_process(
     assert [e.id for e in broker.published] == [e.id for e in late]
     assert len(late) == 2
     assert all(row.sent_at for row in (await _rows(sessionmaker)).values())
+
+
+async def test_the_sent_stamp_is_one_statement_that_commits_by_itself(
+    engine: AsyncEngine, sessionmaker: Sessionmaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stamp of published rows is a transaction of one statement: on PostgreSQL it
+    commits by itself, with no BEGIN or COMMIT."""
+    async with unit_of_work(sessionmaker) as session:
+        added = [Envelope.wrap(_canceled(f"job-{n}")) for n in range(3)]
+        await outbox.add_many(session, added)
+    publisher = OutboxPublisher(sessionmaker, RecordingBroker())  # type: ignore[arg-type]
+    publisher._published = [envelope.id for envelope in added[:2]]
+    begins = count_begins(monkeypatch)
+
+    await publisher._stamp()
+
+    stamped = len(begins)
+    rows = await _rows(sessionmaker)
+    assert [rows[envelope.id].sent_at is not None for envelope in added] == [True, True, False]
+    if engine.dialect.name == "postgresql":
+        assert stamped == 0

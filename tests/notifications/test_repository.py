@@ -83,6 +83,29 @@ class TestClaimDue:
         assert len(await load_attempts(sessionmaker, delivery_id)) == 1
 
 
+class TestClaimAlone:
+    async def test_the_dispatchers_claim_commits_by_itself(
+        self,
+        engine: AsyncEngine,
+        sessionmaker: Sessionmaker,
+        settings: Settings,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """The dispatcher's claim of due deliveries is a transaction of one statement: on
+        PostgreSQL it commits by itself (no BEGIN), and what it leased stays leased."""
+        ids = {await one_delivery(sessionmaker, f"https://hooks.example.com/{n}") for n in (1, 2)}
+        begins = count_begins(monkeypatch)
+        async with Dispatcher(sessionmaker, settings, payload_builder=build_payload) as d:
+            claims = await d._claim(10)
+        claimed = len(begins)
+
+        assert {c.id for c in claims} == ids
+        assert all(c.attempt == 1 for c in claims)
+        assert await claim(sessionmaker) == []  # leased: no second claim takes them
+        if engine.dialect.name == "postgresql":
+            assert claimed == 0
+
+
 class TestAttemptsEndingTogether:
     async def test_successes_are_settled_in_one_statement_and_only_if_still_claimed(
         self, sessionmaker: Sessionmaker

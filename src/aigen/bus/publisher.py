@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session
 
 from aigen.aio import wait_any
 from aigen.clock import utcnow
+from aigen.db import driver
 from aigen.db.base import table
 from aigen.db.session import Sessionmaker, unit_of_work
 from aigen.models import OutboxMessage
@@ -194,8 +195,11 @@ class OutboxPublisher:
         if not event_ids:
             return
         try:
-            async with unit_of_work(self._sessionmaker) as session:
-                await session.execute(_STAMP, {"event_ids": event_ids, "now": utcnow()})
+            # One statement, which commits by itself: BEGIN and COMMIT would be two of
+            # the three round trips, and below a job a second this runs for each job.
+            async with unit_of_work(self._sessionmaker, alone=True) as session:
+                params = {"event_ids": event_ids, "now": utcnow()}
+                await driver.execute(session, _STAMP, params, alone=True)
         except Exception:
             # Unstamped, the rows go out again from a relay after their lease: a
             # duplicate the consumers drop, never a loss.
@@ -205,7 +209,7 @@ class OutboxPublisher:
     async def _release(self, event_ids: list[str]) -> None:
         """A publish failed: the relay may take the rows now rather than after the lease."""
         try:
-            async with unit_of_work(self._sessionmaker) as session:
-                await session.execute(_RELEASE, {"event_ids": event_ids})
+            async with unit_of_work(self._sessionmaker, alone=True) as session:
+                await driver.execute(session, _RELEASE, {"event_ids": event_ids}, alone=True)
         except Exception:
             log.exception("outbox.release_failed", events=len(event_ids))

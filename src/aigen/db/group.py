@@ -39,7 +39,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from aigen.aio import Batcher, fail
 
-from .driver import ALONE
 from .errors import unreachable
 from .session import Sessionmaker, unit_of_work
 
@@ -122,8 +121,7 @@ class GroupCommit(Batcher[_Queued]):
         # One unit, or a batch that failed: each in a transaction of its own.
         for number, (_, work, item, future) in enumerate(batch):
             try:
-                async with unit_of_work(self._sessionmaker) as session:
-                    session.info[ALONE] = True
+                async with unit_of_work(self._sessionmaker, alone=True) as session:
                     [result] = await _call(work, session, [item])
             except Exception as error:
                 if unreachable(error):

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.util import await_only
 
 from aigen.db import sqlite
+from aigen.db.driver import ALONE
 
 Sessionmaker = async_sessionmaker[AsyncSession]
 
@@ -193,9 +194,17 @@ def create_sessionmaker(engine: AsyncEngine) -> Sessionmaker:
 
 
 @asynccontextmanager
-async def unit_of_work(sessionmaker: Sessionmaker) -> AsyncIterator[AsyncSession]:
-    """One transaction: committed when the block ends, rolled back when it raises."""
+async def unit_of_work(
+    sessionmaker: Sessionmaker, *, alone: bool = False
+) -> AsyncIterator[AsyncSession]:
+    """One transaction: committed when the block ends, rolled back when it raises.
+
+    `alone`: the block is one unit of work, sharing the transaction with no other
+    (`driver.ALONE`): a statement it sends `alone` may commit by itself (`driver.execute`:
+    one round trip where a transaction of it is three)."""
     session = sessionmaker()
+    if alone:
+        session.info[ALONE] = True
     try:
         async with session.begin():
             yield session

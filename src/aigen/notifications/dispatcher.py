@@ -237,9 +237,9 @@ class Dispatcher:
         if limit <= 0:
             return []
         now = utcnow()
-        async with unit_of_work(self._sessionmaker) as session:
+        async with unit_of_work(self._sessionmaker, alone=True) as session:
             return await repository.claim_due(
-                session, limit=limit, now=now, lease_until=self.lease_until(now)
+                session, limit=limit, now=now, lease_until=self.lease_until(now), alone=True
             )
 
     async def _process(self, claim: repository.Claim) -> None:

@@ -34,13 +34,18 @@ class Claim:
 
 
 async def claim_due(
-    session: AsyncSession, *, limit: int, now: datetime, lease_until: datetime
+    session: AsyncSession,
+    *,
+    limit: int,
+    now: datetime,
+    lease_until: datetime,
+    alone: bool = False,
 ) -> list[Claim]:
     """Lease up to `limit` due deliveries until `lease_until`, oldest due first: taken,
-    leased and counted in one statement."""
-    rows = await driver.execute(
-        session, _CLAIM_DUE, {"limit": limit, "now": now, "lease_until": lease_until}
-    )
+    leased and counted in one statement (which, `alone`, may commit by itself:
+    `driver.execute`)."""
+    params = {"limit": limit, "now": now, "lease_until": lease_until}
+    rows = await driver.execute(session, _CLAIM_DUE, params, alone=alone)
     # RETURNING keeps no order: the oldest due first, as they were chosen.
     return [Claim(id=id_, attempt=attempts) for _, id_, attempts in sorted(rows.all())]
 
