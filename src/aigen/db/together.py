@@ -1,4 +1,4 @@
-"""Writes that read nothing back, sent together: one statement on PostgreSQL.
+"""Writes sent together: one statement on PostgreSQL.
 
 The API's intake writes four tables for a batch of jobs (the jobs, their events, the
 ledger's holds, the balances), each a multi-row statement of its own: four round trips
@@ -19,9 +19,12 @@ of the same call inserts or changes, so it must not be meant for them.
 A write is a statement and its rows (the driver's `executemany` shape):
 - a plain `insert(table)`, the rows naming the same columns, among them every column
   with a Python-side default (the execution context that computes those is skipped);
-- an UPDATE or DELETE whose bound parameters take the rows' values. Each row must name
-  rows of its own: PostgreSQL's `UPDATE … FROM` changes a row once, whichever match
-  it takes (`billing.holding` sums an account's holds first, for this).
+- an UPDATE or DELETE whose bound parameters take the rows' values (a value the
+  statement gives itself, `status = 'pending'`, stays its own). Each row must name rows
+  of its own: PostgreSQL's `UPDATE … FROM` changes a row once, whichever match it takes
+  (`billing.holding` sums an account's holds first, for this). The last write may have
+  a RETURNING, whose rows `write_rows` gives back (the notifier's record of its
+  attempts: the deliveries it settled).
 
 `write_after` sends writes after a statement that returns what it acted on, made only if
 it acted: on PostgreSQL the writes' rows are taken only where the statement returned a

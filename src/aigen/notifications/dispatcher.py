@@ -365,7 +365,7 @@ class Dispatcher:
             session,
             simple,
             now,
-            after=[(_ADD_ATTEMPT, [_attempt_row(ended) for ended in attempts])],
+            before=[(_ADD_ATTEMPT, [_attempt_row(ended) for ended in attempts])],
             alone=len(simple) == len(attempts),
         )
         settled: list[Settled] = []

@@ -63,15 +63,16 @@ async def settle_delivered(
     claims: Sequence[Claim],
     now: datetime,
     *,
-    after: Sequence[together.Write] = (),
+    before: Sequence[together.Write] = (),
     alone: bool = False,
 ) -> set[str]:
     """`settle` of several claims as delivered at `now`, in one statement: the ids of
-    those applied (the others were claimed again since). `after`: writes to make first,
-    in the same statement on PostgreSQL (the attempts' rows); `alone`: they may all
+    those applied (the others were claimed again since). `before`: writes to make before
+    it, in the same statement on PostgreSQL (the attempts' rows); `alone`: they may all
     commit by themselves (`together.write_rows`)."""
     rows = [{"d_id": claim.id, "d_attempt": claim.attempt, "d_now": now} for claim in claims]
-    settled = await together.write_rows(session, [*after, (_SETTLE_DELIVERED, rows)], alone=alone)
+    writes = [*before, (_SETTLE_DELIVERED, rows)]
+    settled = await together.write_rows(session, writes, alone=alone)
     return set(settled.scalars()) if claims else set()
 
 
