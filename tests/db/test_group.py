@@ -20,7 +20,8 @@ from aigen.models import InboxMessage
 from tests.fixtures.asyncpg_calls import count_begins
 
 # Built once, as the hot statements are (the driver keeps a plan per statement object).
-_ADD = insert(table(InboxMessage))
+_TABLE = table(InboxMessage)
+_ADD = insert(_TABLE)
 
 
 async def _recorded(sessionmaker: Sessionmaker) -> set[str]:
@@ -235,12 +236,14 @@ async def test_a_lingering_group_shares_a_transaction_among_units_that_come_apar
     assert await _recorded(sessionmaker) >= {f"evt_lingering_{n}" for n in range(3)}
 
 
-async def test_a_unit_alone_may_send_its_first_statement_outside_the_transaction(
+async def test_a_unit_alone_sends_its_alone_statements_outside_the_transaction(
     engine: AsyncEngine, sessionmaker: Sessionmaker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`driver.execute(..., alone=True)`: on PostgreSQL the first statement of a unit that
-    runs alone commits by itself, with no BEGIN or COMMIT; after it, and in a shared
-    transaction, statements are the transaction's, and roll back with it."""
+    """`driver.execute(..., alone=True)`: on PostgreSQL, the statements of a unit that
+    runs alone commit by themselves, with no BEGIN or COMMIT, until it sends one that is
+    not `alone`: that one begins the transaction, and what follows, `alone` or not, is
+    the transaction's and rolls back with it. In a shared transaction every statement is
+    the transaction's."""
     async with unit_of_work(sessionmaker) as session:
         await session.execute(select(1))  # (a new engine's first connection asks the server)
     begins = count_begins(monkeypatch)
@@ -250,7 +253,10 @@ async def test_a_unit_alone_may_send_its_first_statement_outside_the_transaction
     def unit(*event_ids: str, fails: bool = True) -> Any:
         async def work(session: AsyncSession) -> None:
             for event_id in event_ids:
-                await driver.execute(session, _ADD, row | {"event_id": event_id}, alone=True)
+                # (A name in capitals: not `alone`.)
+                alone = event_id.islower()
+                await driver.execute(session, _ADD, row | {"event_id": event_id}, alone=alone)
+                await driver.execute(session, select(_TABLE.c.event_id), {}, alone=alone)
             if fails:
                 raise ValueError("after its statements")
 
@@ -260,6 +266,9 @@ async def test_a_unit_alone_may_send_its_first_statement_outside_the_transaction
     counts = [len(begins)]
     with pytest.raises(ValueError, match="after its statements"):
         await group.run(unit("evt_first", "evt_second"))
+    counts.append(len(begins))
+    with pytest.raises(ValueError, match="after its statements"):
+        await group.run(unit("evt_before", "EVT_BEGINS", "evt_after"))
     counts.append(len(begins))
     gate = asyncio.Event()
     first = asyncio.ensure_future(group.run(lambda session: gate.wait()))
@@ -272,45 +281,10 @@ async def test_a_unit_alone_may_send_its_first_statement_outside_the_transaction
 
     shared_ids = {"evt_shared_0", "evt_shared_1"}
     if engine.dialect.name == "postgresql":
-        # No BEGIN for the one statement; one for the second of two, which rolled back;
-        # one for the two units that went together.
-        assert counts == [0, 1, 2]
-        assert await _recorded(sessionmaker) == {"evt_one", "evt_first", *shared_ids}
+        # No BEGIN for the statements alone; one for the unit's statement that is not,
+        # which rolled back with the one after it; one for the units that went together.
+        assert counts == [0, 0, 1, 2]
+        alone = {"evt_one", "evt_first", "evt_second", "evt_before"}
+        assert await _recorded(sessionmaker) == {*alone, *shared_ids}
     else:  # SQLite's BEGIN IMMEDIATE goes with the transaction: all is in it
         assert await _recorded(sessionmaker) == {"evt_one", *shared_ids}
-
-
-async def test_a_plain_read_alone_leaves_the_first_write_its_turn(
-    engine: AsyncEngine, sessionmaker: Sessionmaker, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A `SELECT` that locks nothing, sent `alone`, goes outside the transaction too, and
-    the write after it may still commit by itself (on PostgreSQL, no BEGIN for either); a
-    read that locks rows takes the unit's turn, and the write after it is the
-    transaction's, which rolls back with the unit's error."""
-    async with unit_of_work(sessionmaker) as session:
-        await session.execute(select(1))  # (a new engine's first connection asks the server)
-    begins = count_begins(monkeypatch)
-    group = GroupCommit(sessionmaker)
-    row = {"consumer": "test", "processed_at": datetime(2026, 1, 1, tzinfo=UTC)}
-    plain = select(InboxMessage.__table__.c.event_id)
-
-    def unit(read: Any, event_id: str) -> Any:
-        async def work(session: AsyncSession) -> None:
-            await driver.execute(session, read, {}, alone=True)
-            await driver.execute(session, _ADD, row | {"event_id": event_id}, alone=True)
-            raise ValueError("after its statements")
-
-        return work
-
-    with pytest.raises(ValueError, match="after its statements"):
-        await group.run(unit(plain, "evt_after_read"))
-    counts = [len(begins)]
-    with pytest.raises(ValueError, match="after its statements"):
-        await group.run(unit(plain.with_for_update(), "evt_after_lock"))
-    counts.append(len(begins))
-
-    if engine.dialect.name == "postgresql":
-        assert counts == [0, 1]
-        assert await _recorded(sessionmaker) == {"evt_after_read"}
-    else:  # SQLite's BEGIN IMMEDIATE goes with the transaction: all is in it
-        assert await _recorded(sessionmaker) == set()

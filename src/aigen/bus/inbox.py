@@ -37,11 +37,14 @@ def _recording(values: Select[Any] | None = None) -> dict[bool, Any]:
     )
 
 
+# The row's values as named parameters, for an `INSERT … SELECT`.
+_BOUND = select(*(bindparam(name, type_=_TABLE.c[name].type) for name in _COLUMNS))
 # Built once, with bound parameters: every consumer runs this for every event, and
 # building the statement anew (and its cache key) cost twice what executing it does.
 _RECORD = _recording()
 # Several rows on PostgreSQL: from arrays, one statement on the driver (`db.together`).
 _RECORD_ARRAYS = _recording(together.rows_of_arrays(_TABLE, _COLUMNS))[True]
+_RECORD_BOUND = _recording(_BOUND)[True]
 # A condition for a statement of the consumer's own (the worker's claim): true while
 # the consumer has not recorded the event, with the parameters of `unrecorded_params`.
 UNRECORDED = ~(
@@ -99,10 +102,7 @@ class Condition:
     """
 
     def __init__(self, where: ColumnElement[bool]) -> None:
-        values = select(*(bindparam(name, type_=_TABLE.c[name].type) for name in _COLUMNS)).where(
-            where
-        )
-        self.statements = _recording(values)
+        self.statements = _recording(_BOUND.where(where))
 
 
 async def first_time_if(
@@ -142,6 +142,13 @@ async def _record(
         return await together.write_if(session, statement, values, then, alone=alone)
     inserted = await driver.execute(session, statement, values, alone=alone)
     return inserted.scalar() is not None
+
+
+def record_now(consumer: str, event_id: str) -> tuple[Any, dict[str, Any]]:
+    """The record of an event on PostgreSQL, as a statement that returns a row when it is
+    made now, and its parameters: the first of `together.rows_if`'s two (an `INSERT …
+    SELECT` of named parameters: a CTE's `INSERT … VALUES` would take them unnamed)."""
+    return _RECORD_BOUND, {"consumer": consumer, "event_id": event_id, "processed_at": utcnow()}
 
 
 def recording(consumer: str, event_id: str) -> together.Write:

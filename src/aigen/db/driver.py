@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-from sqlalchemy import Select, exc
+from sqlalchemy import exc
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.sql import Executable
@@ -52,8 +52,8 @@ _Expansion = tuple[str, tuple[tuple[_Bind, int], ...]]
 _EXPANSIONS = 256
 # session.info: the transaction that `_driver` found the connection for, and it.
 _DRIVER = "aigen.driver"
-# session.info: the transaction holds one unit of work (`db.group`), so its first statement
-# may commit by itself where its caller allows it (`execute(..., alone=True)`).
+# session.info: the transaction holds one unit of work (`db.session.unit_of_work`), so
+# its statements may commit by themselves where their caller allows it (`execute`).
 ALONE = "aigen.driver.alone"
 # (dialect, driver) of the engines this runs past SQLAlchemy: asyncpg, and SQLite through
 # this project's loop connection (`db.sqlite`, under SQLAlchemy's aiosqlite dialect).
@@ -98,23 +98,21 @@ async def execute(
     """Run `statement` in the session's transaction (see the module's note).
 
     `alone`: the caller accepts that the statement commits by itself, whatever follows
-    it. It then does so when it is the first statement of a transaction that holds one
-    unit of work (`ALONE`, set by `db.group`) on asyncpg: sent outside a transaction, as
-    one round trip, not BEGIN, the statement and COMMIT (the worker's claim is most
-    often a transaction of that one statement). What the unit sends after it runs in a
-    transaction that begins then. Elsewhere it runs in the transaction as any other.
+    it. It then does so in a transaction that holds one unit of work (`ALONE`, set by
+    `unit_of_work(..., alone=True)` and `db.group`) on asyncpg, until the unit sends a
+    statement that is not `alone`: sent outside a transaction, as one round trip, not
+    BEGIN, the statement and COMMIT (the worker's claim is most often a transaction of
+    that one statement). The first statement that is not `alone` begins the transaction,
+    and what the unit sends after it runs in it, `alone` or not. Elsewhere every
+    statement runs in the transaction as any other.
 
-    A plain read (a `SELECT` that locks nothing) sent `alone` goes outside the
-    transaction too, and leaves the next statement its turn: under READ COMMITTED each
-    statement reads its own snapshot, so a read that locks nothing gets the same rows
-    inside a transaction or before it (the backend's settlement alone: a read of the
-    job, then one statement that commits by itself)."""
+    A read sent `alone` that locks nothing gets the rows it would get in the
+    transaction: under READ COMMITTED each statement reads its own snapshot (the
+    backend's settlement of a result alone: a read of the job, then one statement that
+    commits by itself)."""
     dialect = session.get_bind().dialect
     rows: Sequence[Params] = [params] if isinstance(params, Mapping) else params
-    if alone and _plain_read(statement):
-        alone = bool(session.info.get(ALONE, False))
-    else:
-        alone = session.info.pop(ALONE, False) and alone
+    alone = alone and bool(session.info.get(ALONE, False))
     if rows and (dialect.name, dialect.driver) in _DRIVERS:
         # A list of one is the same statement with its one set of parameters.
         many = len(rows) > 1
@@ -300,10 +298,6 @@ def _orm(statement: Any) -> bool:
     # statement carries the ORM's plugin from the entities it names.
     plugin = getattr(statement, "_propagate_attrs", {}).get("compile_state_plugin")
     return bool(plugin == "orm")
-
-
-def _plain_read(statement: Executable) -> bool:
-    return isinstance(statement, Select) and statement._for_update_arg is None
 
 
 async def _driver(

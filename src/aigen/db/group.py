@@ -22,10 +22,10 @@ one (a multi-row `UPDATE … RETURNING`, say), and returns one result per item. 
 transaction then makes a few statements for a whole batch, not a few per unit; alone,
 after a failed batch, such an item runs as a list of one.
 
-A transaction of one unit is marked so (`driver.ALONE`): its first statement may then
-commit by itself, outside the transaction, where the unit allows it
-(`driver.execute(..., alone=True)`: the worker's claim, most often the whole unit). That
-is one round trip where BEGIN, the statement and COMMIT were three.
+A transaction of one unit is marked so (`unit_of_work(..., alone=True)`): the statements
+it sends first may then commit by themselves, outside the transaction, where the unit
+allows it (`driver.execute(..., alone=True)`: the worker's claim, most often the whole
+unit). That is one round trip where BEGIN, the statement and COMMIT were three.
 """
 
 from __future__ import annotations

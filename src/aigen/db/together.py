@@ -37,7 +37,7 @@ announcement: its inbox row made now, then its event).
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 from sqlalchemy import Executable, Select, Table, func, insert, literal_column, select
@@ -149,6 +149,41 @@ def _after(first: Executable, shape: _Shape) -> Select[Any]:
         for number, (statement, keys) in enumerate(shape)
     ]
     return select(*acted.c).add_cte(*writes)
+
+
+async def rows_if(
+    session: AsyncSession,
+    first: Executable,
+    params: Mapping[str, Any],
+    then: Callable[[ColumnElement[bool]], Executable],
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    alone: bool = False,
+) -> driver.Rows:
+    """`first`, a statement that returns a row when it acts, run with `params`; and an
+    `INSERT … SELECT … RETURNING` of `rows` (`then(acting)`: its SELECT over
+    `rows_of_arrays`, with `acting` among its conditions) that takes them only if it
+    did, as one statement (PostgreSQL's data-modifying CTEs, as `write_after`). Returns
+    the insert's rows. `alone`: the statement may commit by itself (`driver.execute`).
+
+    For an insert that `write_after`'s plain writes cannot be: one that skips the rows
+    already there and says which it made (the notifier's deliveries of an event that
+    comes alone, after its inbox row)."""
+    if not is_postgres(session):
+        raise ValueError("rows_if is one statement of data-modifying CTEs: PostgreSQL only")
+    statement = _first_then(first, then)
+    arrays = {_array(0, key): [row[key] for row in rows] for key in rows[0]}
+    return await driver.execute(session, statement, {**params, **arrays}, alone=alone)
+
+
+@functools.lru_cache(maxsize=16)
+def _first_then(
+    first: Executable, then: Callable[[ColumnElement[bool]], Executable]
+) -> Select[Any]:
+    """`rows_if`'s one statement, built once per pair."""
+    acted = cast(Any, first).cte("w_first")
+    made = cast(Any, then(select(literal_column("1")).select_from(acted).exists())).cte("w_then")
+    return select(*made.c)
 
 
 def rows_of_arrays(table: Table, keys: Sequence[str]) -> Select[Any]:

@@ -27,8 +27,8 @@ from aigen.config import Settings
 from aigen.db import driver
 from aigen.db.base import as_loaded, table
 from aigen.db.group import GroupCommit
-from aigen.db.session import Sessionmaker
-from aigen.models import Account, Job, WebhookDelivery, WebhookEndpoint
+from aigen.db.session import Sessionmaker, is_postgres
+from aigen.models import Account, Asset, Job, WebhookDelivery, WebhookEndpoint
 from aigen.models.job import CANCELED, COMPLETED, EXPIRED, FAILED
 from aigen.storage.base import AssetStore
 
@@ -106,11 +106,14 @@ async def _enqueue_many(
         for event in events:
             dispatcher.unreserve(event.reserved)
             event.reserved = 0
-    found = await _jobs_and_targets(session, [e.envelope.job_id for e in events])
+    alone = len(events) == 1 and is_postgres(session)
+    found = await _jobs_and_targets(session, [e.envelope.job_id for e in events], alone=alone)
     targets = [found.get(e.envelope.job_id or "", _NOTHING) for e in events]
     # An event whose job the backend has not ended yet (it often races this very event)
     # writes nothing, and its caller asks again shortly.
     ended = [n for n, (job, _, _) in enumerate(targets) if job is None or job.status in EVENT_TYPES]
+    if alone and ended and targets[0][0] is not None:
+        return [await _enqueue_alone(session, events[0], targets[0], dispatcher)]
     fresh = await inbox.first_time_many(session, CONSUMER, [events[n].envelope.id for n in ended])
     new: list[int] = []  # the events recorded now, each once however often it came
     for n in ended:
@@ -128,6 +131,35 @@ async def _enqueue_many(
         Enqueued(len(created.get(n, [])), handed.get(n, [])) if n in ended else None
         for n in range(len(events))
     ]
+
+
+async def _enqueue_alone(
+    session: AsyncSession, event: _Event, targets: Targets, dispatcher: Dispatcher | None
+) -> Enqueued:
+    """`_enqueue_many` of an event that comes alone (most of them below the maximum),
+    whose job has ended, on PostgreSQL. After the read of the job and its targets, that
+    was a transaction of BEGIN, the inbox row, the deliveries, the payload's assets and
+    COMMIT. Here the inbox row and the deliveries are one statement
+    (`service.enqueue_recorded`: the deliveries made only with the row), which commits
+    by itself when the unit comes alone, as the reads around it may (`driver.execute`'s
+    `alone`: a completed job's assets do not change)."""
+    job, account, _ = targets
+    assert job is not None
+    record = inbox.record_now(CONSUMER, event.envelope.id)
+    deliveries = _deliveries(event, targets, dispatcher)
+    made = await service.enqueue_recorded(session, deliveries, record, alone=True)
+    leased = [delivery for delivery in made if delivery.leased_until is not None]
+    handed: list[tuple[repository.Claim, Prepared]] = []
+    if dispatcher is None or not leased:
+        return Enqueued(len(made), handed)
+    assets: dict[str, list[Asset]] = {}
+    if job.status == COMPLETED:
+        assets = await job_service.assets_of_many(session, [job.id], alone=True)
+    with views.preloaded_assets(session, assets):
+        for delivery in leased:
+            message = await dispatcher.prepare(session, delivery, account=account)
+            handed.append((repository.Claim(delivery.id, delivery.attempts), message))
+    return Enqueued(len(made), handed)
 
 
 async def _prepare_leased(
@@ -195,14 +227,16 @@ _NOTHING: Targets = (None, None, [])
 
 
 async def _jobs_and_targets(
-    session: AsyncSession, job_ids: Sequence[str | None]
+    session: AsyncSession, job_ids: Sequence[str | None], *, alone: bool = False
 ) -> dict[str, Targets]:
-    """Each job found, with its account and the account's endpoints that receive events."""
+    """Each job found, with its account and the account's endpoints that receive events
+    (`alone`: `driver.execute`'s, for a read outside the transaction)."""
     ids = sorted({job_id for job_id in job_ids if job_id is not None})
     found: dict[str, Targets] = {}
     if not ids:
         return found
-    for row in (await driver.execute(session, _JOBS_AND_TARGETS, {"ids": ids})).all():
+    rows = await driver.execute(session, _JOBS_AND_TARGETS, {"ids": ids}, alone=alone)
+    for row in rows.all():
         job_row, account_row, endpoint_row = _cut(row)
         if job_row["id"] not in found:
             job = as_loaded(session, Job, job_row)

@@ -8,7 +8,7 @@ Nothing here commits: the caller's unit of work does, together with its own chan
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -85,11 +85,7 @@ async def enqueue_many(
     """`enqueue` of several events, in one multi-row statement: for each, the deliveries
     created now. Each event's `lease` is asked in turn, for its own deliveries."""
     now = utcnow()
-    rows: list[list[dict[str, Any]]] = []
-    for event in events:
-        if event.event_type not in EVENT_TYPES:
-            raise ValueError(f"unknown webhook event type {event.event_type!r}")
-        rows.append(_rows(event, now))
+    rows = [_rows(event, now) for event in events]
     every = [row for event_rows in rows for row in event_rows]
     if not every:
         return [[] for _ in events]
@@ -102,9 +98,31 @@ async def enqueue_many(
     ]
 
 
+async def enqueue_recorded(
+    session: AsyncSession,
+    event: Event,
+    record: tuple[Any, Mapping[str, Any]],
+    *,
+    alone: bool = False,
+) -> list[WebhookDelivery]:
+    """`enqueue` of one event, only if `record` (its consumer's inbox row: a statement
+    that returns a row when it is made now, `inbox.record_now`) is made now, in one
+    statement with it on PostgreSQL (`together.rows_if`), which, `alone`, may commit by
+    itself. Returns the deliveries created now."""
+    rows = _rows(event, utcnow())
+    if not rows:
+        return []
+    statement, params = record
+    made = await together.rows_if(session, statement, params, _insert_if, rows, alone=alone)
+    ids = set(made.scalars())
+    return [as_loaded(session, WebhookDelivery, row) for row in rows if row["id"] in ids]
+
+
 def _rows(event: Event, now: datetime) -> list[dict[str, Any]]:
     """The delivery rows of one event: the job's own URL, then the endpoints subscribed."""
     job, event_type = event.job, event.event_type
+    if event_type not in EVENT_TYPES:
+        raise ValueError(f"unknown webhook event type {event_type!r}")
     targets: list[tuple[str, str, str | None]] = []
     if job.webhook_url and _subscribed(job.webhook_events, event_type):
         targets.append((f"url:{job.webhook_url}", job.webhook_url, None))
@@ -161,6 +179,14 @@ _INSERT_ARRAYS = insert_or_skip(
     _DELIVERIES.c.id,
     from_select=(_KEYS, together.rows_of_arrays(_DELIVERIES, _KEYS)),
 )[True]
+
+
+def _insert_if(acting: ColumnElement[bool]) -> Any:
+    """`_INSERT_ARRAYS`, taking its rows only while `acting` (`together.rows_if`)."""
+    values = together.rows_of_arrays(_DELIVERIES, _KEYS).where(acting)
+    return insert_or_skip(_DELIVERIES, _CONFLICT, _DELIVERIES.c.id, from_select=(_KEYS, values))[
+        True
+    ]
 
 
 async def redeliver(

@@ -292,11 +292,15 @@ _ASSETS_OF_MANY = (
 )
 
 
-async def assets_of_many(session: AsyncSession, job_ids: Sequence[str]) -> dict[str, list[Asset]]:
-    """`assets_of` for several jobs in one statement: every job named has an entry."""
+async def assets_of_many(
+    session: AsyncSession, job_ids: Sequence[str], *, alone: bool = False
+) -> dict[str, list[Asset]]:
+    """`assets_of` for several jobs in one statement: every job named has an entry
+    (`alone`: `driver.execute`'s, for a read outside the transaction)."""
     found: dict[str, list[Asset]] = {job_id: [] for job_id in job_ids}
     if found:
-        rows = await driver.execute(session, _ASSETS_OF_MANY, {"job_ids": sorted(found)})
+        params = {"job_ids": sorted(found)}
+        rows = await driver.execute(session, _ASSETS_OF_MANY, params, alone=alone)
         for row in rows.mappings():
             found[row["job_id"]].append(as_loaded(session, Asset, row))
     return found
@@ -672,9 +676,9 @@ async def apply_completed_recording(
 
     A result that comes alone, the common case below the maximum, was a transaction of
     BEGIN, the inbox row, the transition, the settlement and COMMIT. Here the job is
-    read first, outside the transaction (`driver.execute`'s plain read: what is read
-    never changes once the job is processing, its model and hold, and the transition
-    checks its state again), and its price settled from it; then one statement makes the
+    read first, outside the transaction (`driver.execute`'s `alone`: what is read never
+    changes once the job is processing, its model and hold, and the transition checks
+    its state again), and its price settled from it; then one statement makes the
     transition and, only if it acted, the record, the assets, the ledger rows and the
     balance (`together.write_after`), and commits by itself when the unit comes alone.
     """
