@@ -53,6 +53,16 @@ async def _jobs(sessionmaker: Sessionmaker) -> tuple[list[Envelope], str, str]:
     return [*events, events[0], _event("job_gone", alone.id), again], running.id, endpoint.id
 
 
+def _made(events: list[Envelope], endpoint_id: str) -> set[tuple[str, str]]:
+    """The deliveries (job, target) that `_jobs`' events make: the first job's URL, the
+    second's and its account's endpoint."""
+    return {
+        (str(events[0].job_id), "url:https://example.com/own"),
+        (str(events[1].job_id), "url:https://example.com/2"),
+        (str(events[1].job_id), f"endpoint:{endpoint_id}"),
+    }
+
+
 async def _recorded(sessionmaker: Sessionmaker) -> set[str]:
     async with sessionmaker() as session:
         return set(await session.scalars(select(InboxMessage.event_id)))
@@ -71,11 +81,7 @@ async def test_events_together_come_out_as_one_after_the_other(
     waited = [isinstance(outcome, Retry) for outcome in outcomes]
     assert waited == [False, False, True, False, False, False]
     deliveries = {(d.job_id, d.target) for d in await load_deliveries(sessionmaker)}
-    assert deliveries == {
-        (events[0].job_id, "url:https://example.com/own"),
-        (events[1].job_id, "url:https://example.com/2"),
-        (events[1].job_id, f"endpoint:{endpoint_id}"),
-    }
+    assert deliveries == _made(events, endpoint_id)
     # Every event but the one that waits is recorded, the missing job's too.
     assert await _recorded(sessionmaker) == {events[n].id for n in (0, 1, 4, 5)}
 
@@ -133,11 +139,7 @@ async def test_events_alone_come_out_as_together(
 
     assert waited == [2]
     deliveries = {(d.job_id, d.target) for d in await load_deliveries(sessionmaker)}
-    assert deliveries == {
-        (events[0].job_id, "url:https://example.com/own"),
-        (events[1].job_id, "url:https://example.com/2"),
-        (events[1].job_id, f"endpoint:{endpoint_id}"),
-    }
+    assert deliveries == _made(events, endpoint_id)
     assert await _recorded(sessionmaker) == {events[n].id for n in (0, 1, 4, 5)}
     if engine.dialect.name == "postgresql":
         assert first == (["SELECT", "WITH"], 0)
