@@ -108,7 +108,8 @@ async def enqueue_recorded(
     """`enqueue` of one event, only if `record` (its consumer's inbox row: a statement
     that returns a row when it is made now, `inbox.record_now`) is made now, in one
     statement with it on PostgreSQL (`together.rows_if`), which, `alone`, may commit by
-    itself. Returns the deliveries created now."""
+    itself. Returns the deliveries created now. An event with no target records nothing
+    either: nothing it does can be done twice."""
     rows = _rows(event, utcnow())
     if not rows:
         return []
@@ -184,9 +185,8 @@ _INSERT_ARRAYS = insert_or_skip(
 def _insert_if(acting: ColumnElement[bool]) -> Any:
     """`_INSERT_ARRAYS`, taking its rows only while `acting` (`together.rows_if`)."""
     values = together.rows_of_arrays(_DELIVERIES, _KEYS).where(acting)
-    return insert_or_skip(_DELIVERIES, _CONFLICT, _DELIVERIES.c.id, from_select=(_KEYS, values))[
-        True
-    ]
+    made = insert_or_skip(_DELIVERIES, _CONFLICT, _DELIVERIES.c.id, from_select=(_KEYS, values))
+    return made[True]
 
 
 async def redeliver(
