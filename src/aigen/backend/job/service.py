@@ -348,6 +348,21 @@ async def _transition(
     values: dict[str, Any] | None = None,
 ) -> Job | None:
     """Compare-and-set `source → target`; None when another writer got there first."""
+    statement, params = _transition_of(job_id, source, target, attempt, values)
+    job = await _update_returning(session, statement, params)
+    if job is not None and target in TERMINAL:
+        notices.after_commit(session, ENDED, [job_id])
+    return job
+
+
+def _transition_of(
+    job_id: str,
+    source: Sequence[str],
+    target: str,
+    attempt: int | None,
+    values: dict[str, Any] | None,
+) -> tuple[Any, dict[str, Any]]:
+    """`_transition`'s statement (`… RETURNING` the job) and its parameters."""
     now = utcnow()
     changes: dict[str, Any] = {"status": target, "updated_at": now, f"{target}_at": now}
     changes.update(values or {})
@@ -357,10 +372,7 @@ async def _transition(
     params["job_id"] = job_id
     if attempt is not None:
         params["fence_attempt"] = attempt
-    job = await _update_returning(session, statement, params)
-    if job is not None and target in TERMINAL:
-        notices.after_commit(session, ENDED, [job_id])
-    return job
+    return statement, params
 
 
 # The compare-and-set statements, built once per shape (sources, the columns set, which
@@ -690,20 +702,8 @@ async def apply_completed_recording(
     if job.status != PROCESSING or job.attempt != message.attempt:
         return None
     charged, settling = billing.settling(job, price=price(job))
-    now = utcnow()
-    changes = {
-        "status": COMPLETED,
-        "updated_at": now,
-        "completed_at": now,
-        "usage": dict(message.usage),
-        "progress": None,
-        "credits_charged": charged,
-    }
-    params = {f"new_{name}": value for name, value in changes.items() if value is not None}
-    params |= {"job_id": job.id, "fence_attempt": message.attempt}
-    statement = _transition_statement(
-        (PROCESSING,), True, tuple((name, value is None) for name, value in changes.items())
-    )
+    values = {"usage": dict(message.usage), "progress": None, "credits_charged": charged}
+    statement, params = _transition_of(job.id, [PROCESSING], COMPLETED, message.attempt, values)
     assets = [_asset_row(job, asset) for asset in message.assets]
     done = await together.write_after(
         session, statement, params, [record, (_ADD_ASSETS, assets), *settling], alone=True
