@@ -150,10 +150,7 @@ async def test_the_backend_settles_each_result_once_however_it_comes(api: Api) -
     jobs = await _processing(api, customer, 4)
     envelopes = [Envelope.wrap(_result(job_id, customer.account_id, tokens=3)) for job_id in jobs]
 
-    def pricer(model: str, usage: Usage) -> int:
-        return usage.output_tokens
-
-    handle = handlers.make_handler(api.deps.sessionmaker, pricer)
+    handle = handlers.make_handler(api.deps.sessionmaker, _pricer)
     transitions: list[str] = []
     event.listen(
         api.deps.engine.sync_engine,
