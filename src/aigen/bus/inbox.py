@@ -137,7 +137,7 @@ async def _record(
     alone: bool = False,
 ) -> bool:
     statement = statements[is_postgres(session)]
-    values = {**params, "consumer": consumer, "event_id": event_id, "processed_at": utcnow()}
+    values = {**params, **_row(consumer, event_id)}
     if then is not None:
         return await together.write_if(session, statement, values, then, alone=alone)
     inserted = await driver.execute(session, statement, values, alone=alone)
@@ -148,7 +148,7 @@ def record_now(consumer: str, event_id: str) -> tuple[Any, dict[str, Any]]:
     """The record of an event on PostgreSQL, as a statement that returns a row when it is
     made now, and its parameters: the first of `together.rows_if`'s two (an `INSERT …
     SELECT` of named parameters: a CTE's `INSERT … VALUES` would take them unnamed)."""
-    return _RECORD_BOUND, {"consumer": consumer, "event_id": event_id, "processed_at": utcnow()}
+    return _RECORD_BOUND, _row(consumer, event_id)
 
 
 def recording(consumer: str, event_id: str) -> together.Write:
@@ -156,10 +156,15 @@ def recording(consumer: str, event_id: str) -> together.Write:
     only if that one acts: a plain INSERT, for an event that cannot have been recorded
     if that statement acts (the backend's settlement: a result applied once leaves its
     job no longer processing at its attempt)."""
-    return _INSERT, [{"consumer": consumer, "event_id": event_id, "processed_at": utcnow()}]
+    return _INSERT, [_row(consumer, event_id)]
 
 
 _INSERT = insert(_TABLE)
+
+
+def _row(consumer: str, event_id: str) -> dict[str, Any]:
+    """An inbox row's values (`_COLUMNS`), the event recorded now."""
+    return {"consumer": consumer, "event_id": event_id, "processed_at": utcnow()}
 
 
 def unrecorded_params(consumer: str, event_id: str) -> dict[str, str]:

@@ -76,16 +76,13 @@ async def write_rows(
         return driver.Rows([], 0)
     if len(writes) > 1 or writes[-1][0]._returning:
         # Built (and checked) on every database, so that SQLite's tests see a misuse too.
-        combined = _combined(tuple((statement, tuple(rows[0])) for statement, rows in writes))
+        combined = _combined(_shape(writes))
         if is_postgres(session):
             # (One statement from arrays: a list of rows with RETURNING would not be the
             # driver's `executemany`.)
-            params = {
-                _array(number, key): [row[key] for row in rows]
-                for number, (_, rows) in enumerate(writes)
-                for key in rows[0]
-            }
-            return await driver.execute(session, combined, params, alone=alone)
+            return await driver.execute(
+                session, combined, _arrays([r for _, r in writes]), alone=alone
+            )
     found = driver.Rows([], 0)
     for statement, rows in writes:
         found = await driver.execute(session, statement, list(rows), alone=alone)
@@ -126,13 +123,10 @@ async def write_after(
     (`driver.execute`) may commit by themselves. Elsewhere, one after the other."""
     writes = [(statement, rows) for statement, rows in then if rows]
     if writes and is_postgres(session):
-        combined = _after(first, tuple((statement, tuple(rows[0])) for statement, rows in writes))
-        arrays = {
-            _array(number, key): [row[key] for row in rows]
-            for number, (_, rows) in enumerate(writes)
-            for key in rows[0]
-        }
-        return await driver.execute(session, combined, {**params, **arrays}, alone=alone)
+        combined = _after(first, _shape(writes))
+        return await driver.execute(
+            session, combined, {**params, **_arrays([r for _, r in writes])}, alone=alone
+        )
     acted = await driver.execute(session, first, params, alone=alone)
     if acted.rows and writes:
         await write(session, writes)
@@ -142,8 +136,7 @@ async def write_after(
 @functools.lru_cache(maxsize=16)
 def _after(first: Executable, shape: _Shape) -> Select[Any]:
     """`write_after`'s one statement, built once per `first` and shape of the writes."""
-    acted = cast(Any, first).cte("w_first")
-    acting = select(literal_column("1")).select_from(acted).exists()
+    acted, acting = _acting(first)
     writes = [
         _from_arrays(number, statement, keys, only_if=acting).cte(f"w{number}")
         for number, (statement, keys) in enumerate(shape)
@@ -172,8 +165,7 @@ async def rows_if(
     if not is_postgres(session):
         raise ValueError("rows_if is one statement of data-modifying CTEs: PostgreSQL only")
     statement = _first_then(first, then)
-    arrays = {_array(0, key): [row[key] for row in rows] for key in rows[0]}
-    return await driver.execute(session, statement, {**params, **arrays}, alone=alone)
+    return await driver.execute(session, statement, {**params, **_arrays([rows])}, alone=alone)
 
 
 @functools.lru_cache(maxsize=16)
@@ -181,9 +173,14 @@ def _first_then(
     first: Executable, then: Callable[[ColumnElement[bool]], Executable]
 ) -> Select[Any]:
     """`rows_if`'s one statement, built once per pair."""
-    acted = cast(Any, first).cte("w_first")
-    made = cast(Any, then(select(literal_column("1")).select_from(acted).exists())).cte("w_then")
+    made = cast(Any, then(_acting(first)[1])).cte("w_then")
     return select(*made.c)
+
+
+def _acting(first: Executable) -> tuple[Any, ColumnElement[bool]]:
+    """`first` as the CTE `w_first`, and the condition that it returned a row."""
+    acted = cast(Any, first).cte("w_first")
+    return acted, select(literal_column("1")).select_from(acted).exists()
 
 
 def rows_of_arrays(table: Table, keys: Sequence[str]) -> Select[Any]:
@@ -210,13 +207,27 @@ async def insert_rows(
     `one_by_one`'s statement for the database (keyed as `db.base.insert_or_skip`'s)."""
     postgres = is_postgres(session)
     if postgres and len(rows) > 1:
-        params = {_array(0, key): [row[key] for row in rows] for key in rows[0]}
-        return await driver.execute(session, from_arrays, params)
+        return await driver.execute(session, from_arrays, _arrays([rows]))
     return await driver.execute(session, one_by_one[postgres], list(rows))
 
 
 def _array(number: int, key: str) -> str:
     return f"w{number}_{key}"
+
+
+def _shape(writes: Sequence[Write]) -> _Shape:
+    """Each write's statement and its rows' keys: what one combined statement is built for."""
+    return tuple((statement, tuple(rows[0])) for statement, rows in writes)
+
+
+def _arrays(rows_each: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, list[Any]]:
+    """The parameters of statements from arrays: of the `number`th one's rows, one array
+    per key, named `w<number>_<key>` (`_unnest`)."""
+    return {
+        _array(number, key): [row[key] for row in rows]
+        for number, rows in enumerate(rows_each)
+        for key in rows[0]
+    }
 
 
 @functools.lru_cache(maxsize=64)

@@ -143,23 +143,13 @@ async def _enqueue_alone(
     (`service.enqueue_recorded`: the deliveries made only with the row), which commits
     by itself when the unit comes alone, as the reads around it may (`driver.execute`'s
     `alone`: a completed job's assets do not change)."""
-    job, account, _ = targets
-    assert job is not None
     record = inbox.record_now(CONSUMER, event.envelope.id)
     deliveries = _deliveries(event, targets, dispatcher)
     made = await service.enqueue_recorded(session, deliveries, record, alone=True)
-    leased = [delivery for delivery in made if delivery.leased_until is not None]
-    handed: list[tuple[repository.Claim, Prepared]] = []
-    if dispatcher is None or not leased:
-        return Enqueued(len(made), handed)
-    assets: dict[str, list[Asset]] = {}
-    if job.status == COMPLETED:
-        assets = await job_service.assets_of_many(session, [job.id], alone=True)
-    with views.preloaded_assets(session, assets):
-        for delivery in leased:
-            message = await dispatcher.prepare(session, delivery, account=account)
-            handed.append((repository.Claim(delivery.id, delivery.attempts), message))
-    return Enqueued(len(made), handed)
+    if dispatcher is None:
+        return Enqueued(len(made), [])
+    handed = await _prepare_leased(session, dispatcher, {0: made}, [targets], alone=True)
+    return Enqueued(len(made), handed.get(0, []))
 
 
 async def _prepare_leased(
@@ -167,9 +157,13 @@ async def _prepare_leased(
     dispatcher: Dispatcher,
     created: dict[int, list[WebhookDelivery]],
     targets: Sequence[Targets],
+    *,
+    alone: bool = False,
 ) -> dict[int, list[tuple[repository.Claim, Prepared]]]:
     """Each event's new leased deliveries, prepared for the dispatcher; the assets of
-    their completed jobs are read in one statement for all of them, not one per payload."""
+    their completed jobs are read in one statement for all of them, not one per payload.
+    `alone`: they are read outside the transaction (`driver.execute`'s), one job's too,
+    whose payload would otherwise read them in a transaction begun for it."""
     leased = {
         n: [delivery for delivery in deliveries if delivery.leased_until is not None]
         for n, deliveries in created.items()
@@ -179,8 +173,10 @@ async def _prepare_leased(
         for n, deliveries in leased.items()
         if deliveries and (job := targets[n][0]) is not None and job.status == COMPLETED
     ]
+    assets: dict[str, list[Asset]] = {}
     # One job's payload reads its own assets: the same one statement.
-    assets = await job_service.assets_of_many(session, completed) if len(completed) > 1 else {}
+    if len(completed) > 1 or (alone and completed):
+        assets = await job_service.assets_of_many(session, completed, alone=alone)
     handed: dict[int, list[tuple[repository.Claim, Prepared]]] = {}
     with views.preloaded_assets(session, assets):
         for n, deliveries in leased.items():

@@ -349,7 +349,7 @@ async def _transition(
 ) -> Job | None:
     """Compare-and-set `source → target`; None when another writer got there first."""
     statement, params = _transition_of(job_id, source, target, attempt, values)
-    job = await _update_returning(session, statement, params)
+    job = await _one_job(session, statement, params)
     if job is not None and target in TERMINAL:
         notices.after_commit(session, ENDED, [job_id])
     return job
@@ -399,11 +399,12 @@ def _transition_statement(
     )
 
 
-async def _update_returning(
+async def _one_job(
     session: AsyncSession, statement: Any, params: dict[str, Any], *, alone: bool = False
 ) -> Job | None:
-    """One `UPDATE … RETURNING`, in Core: the changed job as stored now (the session's
-    object, `as_loaded`), or None if none matched. `alone`: `driver.execute`'s."""
+    """One statement that returns a job's row (an `UPDATE … RETURNING`, a read), in Core:
+    the job as stored now (the session's object, `as_loaded`), or None if none matched.
+    `alone`: `driver.execute`'s."""
     result = await driver.execute(session, statement, params, alone=alone)
     row = result.one_or_none()
     return as_loaded(session, Job, dict(zip(result.keys, row, strict=True))) if row else None
@@ -479,7 +480,7 @@ async def claim(
     # The common case in one statement: an active job, not pending past its deadline.
     # It may commit by itself: the claim stands whatever the unit does after it (the
     # expiry below runs only when it changed nothing).
-    claimed = await _update_returning(session, statement, params, alone=True)
+    claimed = await _one_job(session, statement, params, alone=True)
     if claimed is not None:
         return claimed
     job = await session.get(Job, job_id, populate_existing=True)
@@ -694,12 +695,8 @@ async def apply_completed_recording(
     transition and, only if it acted, the record, the assets, the ledger rows and the
     balance (`together.write_after`), and commits by itself when the unit comes alone.
     """
-    found = await driver.execute(session, _JOB, {"job_id": message.job_id}, alone=True)
-    row = found.one_or_none()
-    if row is None:
-        return None
-    job = as_loaded(session, Job, dict(zip(found.keys, row, strict=True)))
-    if job.status != PROCESSING or job.attempt != message.attempt:
+    job = await _one_job(session, _JOB, {"job_id": message.job_id}, alone=True)
+    if job is None or job.status != PROCESSING or job.attempt != message.attempt:
         return None
     charged, settling = billing.settling(job, price=price(job))
     values = {"usage": dict(message.usage), "progress": None, "credits_charged": charged}
