@@ -8,6 +8,11 @@ a connection of its own that `LISTEN`s. A notice is only a hint, sent once and n
 kept: a listener that is reconnecting misses it, so whoever waits also looks again after
 a while (`Watch.wait` times out).
 
+A statement that returns the rows it changed can carry its notice itself
+(`notifying`): PostgreSQL sends a NOTIFY made inside a transaction when that commits, so
+the notice goes out with the commit, not in a round trip of its own after it (the
+backend's settlement of a result that comes alone, one statement that commits by itself).
+
 The outbox's wake-ups (`aigen.bus.outbox`) are notices too, with no items: the relay
 listens with `on_notice`.
 """
@@ -24,10 +29,12 @@ from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 import structlog
-from sqlalchemy import event
+from sqlalchemy import event, func
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import Pool
+from sqlalchemy.sql import ColumnElement
+from sqlalchemy.sql.dml import UpdateBase
 from sqlalchemy.util import await_only
 
 from aigen.aio import sleep_or_stop, wait_any
@@ -40,6 +47,11 @@ log = structlog.get_logger(__name__)
 # to send once the connection is checked in (the commit done).
 _PENDING = "aigen.notices.pending"
 _SEND = "aigen.notices.send"
+# session.info: {channel: items} that the transaction's statements notify themselves
+# (`notifying`): told to this process's listeners only.
+_SENT = "aigen.notices.sent"
+# The label of `notifying`'s column among a statement's returned ones.
+_NOTIFIED = "aigen_notified"
 # PostgreSQL refuses a payload of 8000 bytes or more; a notice carries fewer ids.
 MAX_PAYLOAD_CHARS = 7000
 LISTEN_RETRY_SECONDS = 5.0
@@ -49,11 +61,22 @@ MAX_REMEMBERED = 100_000
 _listening: dict[str, weakref.WeakSet[Listener]] = {}
 
 
-def after_commit(session: AsyncSession, channel: str, items: Iterable[str] = ()) -> None:
+def after_commit(
+    session: AsyncSession, channel: str, items: Iterable[str] = (), *, sent: bool = False
+) -> None:
     """Tell `channel`'s listeners about `items` (or only that something changed) once the
-    caller's transaction commits."""
-    pending: dict[str, set[str]] = session.info.setdefault(_PENDING, {})
+    caller's transaction commits. `sent`: a statement of the transaction has notified
+    PostgreSQL's listeners already (`notifying`), so only this process's are told here."""
+    pending: dict[str, set[str]] = session.info.setdefault(_SENT if sent else _PENDING, {})
     pending.setdefault(channel, set()).update(items)
+
+
+def notifying(statement: UpdateBase, channel: str, item: ColumnElement[str]) -> UpdateBase:
+    """`statement` (`… RETURNING`) with a column that notifies `channel` of `item` for each
+    row it returns, on PostgreSQL: delivered when the statement's transaction commits, as
+    `after_commit`'s notice, and never for a rollback. Its caller then tells this
+    process's listeners with `after_commit(..., sent=True)`."""
+    return statement.returning(func.pg_notify(channel, item).label(_NOTIFIED))
 
 
 @event.listens_for(Session, "before_commit")
@@ -71,14 +94,16 @@ def _before_commit(session: Session) -> None:
 
 @event.listens_for(Session, "after_commit")
 def _after_commit(session: Session) -> None:
-    for channel, items in session.info.pop(_PENDING, {}).items():
-        for listener in list(_listening.get(channel, ())):
-            listener.heard(items)
+    for key in (_PENDING, _SENT):
+        for channel, items in session.info.pop(key, {}).items():
+            for listener in list(_listening.get(channel, ())):
+                listener.heard(items)
 
 
 @event.listens_for(Session, "after_rollback")
 def _after_rollback(session: Session) -> None:
     session.info.pop(_PENDING, None)
+    session.info.pop(_SENT, None)
 
 
 @event.listens_for(Pool, "checkin")
