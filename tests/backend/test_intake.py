@@ -91,6 +91,57 @@ async def test_transactions_racing_for_one_key_never_pass_its_concurrency(api: A
         assert await billing.balance(session, customer.account_id) == 1000 - 7
 
 
+@pytest.mark.parametrize(
+    "database_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+)
+async def test_the_lock_and_the_count_are_one_statement_unless_the_account_moved(
+    api: Api,
+) -> None:
+    """On PostgreSQL an intake locks its accounts and counts its keys' jobs in one
+    statement. Its count reads the snapshot taken before the lock, so where the account's
+    row changed meanwhile (here another intake of the key committed while this one waited
+    for the lock) the key is counted again: that intake's job counts, and at a
+    concurrency of 1 this one is refused."""
+    who = (await api.customer(credits=100)).principal(concurrency=1)
+    quiet_one = (await api.customer(credits=100)).principal()
+    statements: list[str] = []
+    event.listen(
+        api.deps.engine.sync_engine,
+        "before_cursor_execute",
+        lambda *args: statements.append(str(args[2]).split("\n")[0].split(" AS ")[0]),
+    )
+    async with unit_of_work(api.deps.sessionmaker) as session:
+        [alone] = await job_service.create_many(session, [candidate(quiet_one, 1)])
+    quiet = list(statements)
+
+    holding = asyncio.Event()
+
+    async def first() -> None:
+        async with unit_of_work(api.deps.sessionmaker) as session:
+            [taken] = await job_service.create_many(session, [candidate(who, 1)])
+            assert isinstance(taken, job_service.Accepted)
+            holding.set()
+            await asyncio.sleep(0.3)  # the second waits for the account's lock meanwhile
+
+    async def second() -> Any:
+        await holding.wait()
+        statements.clear()
+        async with unit_of_work(api.deps.sessionmaker) as session:
+            [outcome] = await job_service.create_many(session, [candidate(who, 1)])
+        return outcome
+
+    _, outcome = await asyncio.gather(first(), second())
+
+    assert isinstance(alone, job_service.Accepted)
+    assert [s.split()[0] for s in quiet if not s.startswith(("BEGIN", "COMMIT"))] == [
+        "WITH",  # the lock and the count
+        "WITH",  # the writes
+    ]
+    assert type(outcome).__name__ == "ConcurrencyLimitError"
+    moved = [s for s in statements if not s.startswith(("BEGIN", "COMMIT"))]
+    assert moved == ["WITH locked", "SELECT jobs.api_key_id, count(*)"]
+
+
 async def test_concurrent_accepts_share_transactions(api: Api) -> None:
     customer = await api.customer(credits=1000)
     who = customer.principal()
@@ -168,29 +219,46 @@ async def test_the_concurrency_count_reads_a_keys_active_jobs_not_its_history(
                 {"status": status, "account": account.id, "key": key.id, "count": count},
             )
         await connection.execute(text("ANALYZE jobs"))  # what autovacuum does in production
-    compiled = job_service._ACTIVE_PER_KEY.compile(dialect=engine.dialect)
-    expanded = compiled.construct_expanded_state({"ids": [key.id]})
+    # The count alone, and with the accounts' lock (`_lock_and_count`'s one statement).
+    for statement, params, expected in (
+        (job_service._ACTIVE_PER_KEY, {"ids": [key.id]}, [(key.id, active)]),
+        (
+            job_service._LOCK_AND_COUNT,
+            {"ids": [account.id], "key_ids": [key.id]},
+            [("account", account.id, 10, True), ("key", key.id, active, True)],
+        ),
+    ):
+        counted, nodes = await _run_generic(engine, statement, params)
+        assert [tuple(row) for row in counted] == expected
+        on_jobs = [n for n in nodes if n.get("Relation Name") == "jobs"]
+        scans = [n for n in on_jobs if "Scan" in n["Node Type"]]
+        read = sum(n["Actual Rows"] * n["Actual Loops"] for n in scans)
+        thrown_away = sum(
+            n.get("Rows Removed by Filter", 0) + n.get("Rows Removed by Index Recheck", 0)
+            for n in on_jobs
+        )
+        assert (read, thrown_away) == (active, 0), nodes
+
+
+async def _run_generic(
+    engine: AsyncEngine, statement: Any, params: dict[str, Any]
+) -> tuple[list[Any], list[dict[str, Any]]]:
+    """`statement`'s rows and its plan's nodes, run on a generic plan."""
+    compiled = statement.compile(dialect=engine.dialect)
+    expanded = compiled.construct_expanded_state(params)
     # The statement's parameters, in order, as literals of EXECUTE (our own names and ids).
     arguments = ", ".join(f"'{value}'" for value in expanded.positional_parameters)
-
     async with engine.connect() as connection:
         raw = (await connection.get_raw_connection()).driver_connection
         assert raw is not None
         await raw.execute("SET plan_cache_mode = force_generic_plan")
-        await raw.execute(f"PREPARE count_active AS {expanded.statement}")
-        run = f"EXECUTE count_active({arguments})"
-        plan = await raw.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {run}")  # JSON, decoded
-        counted = await raw.fetch(run)
-        await raw.execute("DEALLOCATE count_active; RESET plan_cache_mode")
-
-    assert [tuple(row) for row in counted] == [(key.id, active)]
-    nodes = list(_plan_nodes(plan[0]["Plan"]))
-    read = sum(n["Actual Rows"] * n["Actual Loops"] for n in nodes if "Scan" in n["Node Type"])
-    thrown_away = sum(
-        n.get("Rows Removed by Filter", 0) + n.get("Rows Removed by Index Recheck", 0)
-        for n in nodes
-    )
-    assert (read, thrown_away) == (active, 0), plan
+        await raw.execute(f"PREPARE counting AS {expanded.statement}")
+        run = f"EXECUTE counting({arguments})"
+        async with raw.transaction():  # (a lock is taken only in a transaction)
+            plan = await raw.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {run}")  # JSON, decoded
+            counted = await raw.fetch(run)
+        await raw.execute("DEALLOCATE counting; RESET plan_cache_mode")
+    return counted, list(_plan_nodes(plan[0]["Plan"]))
 
 
 def _plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:

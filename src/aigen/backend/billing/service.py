@@ -99,11 +99,14 @@ async def lock_balances(session: AsyncSession, account_ids: Iterable[str]) -> di
     to be inserted by other transactions meanwhile. `FOR UPDATE` would also wait for
     those, and deadlock with a consumer that inserts them for several accounts at once.
     """
-    rows = await driver.execute(session, _LOCK_BALANCES, {"ids": sorted(set(account_ids))})
+    rows = await driver.execute(session, LOCK_BALANCES, {"ids": sorted(set(account_ids))})
     return {account_id: int(balance) for account_id, balance in rows.all()}
 
 
-_LOCK_BALANCES = (
+# `lock_balances`'s statement, (id, balance) in id order, for a caller that sends it with
+# reads of its own (the job service's intake). Every transaction that adds jobs changes
+# their account's row (`holding`'s balance update, even of 0): a new version of the row.
+LOCK_BALANCES = (
     select(_ACCOUNTS.c.id, _ACCOUNTS.c.balance)
     .where(_ACCOUNTS.c.id.in_(bindparam("ids", expanding=True)))
     .order_by(_ACCOUNTS.c.id)
