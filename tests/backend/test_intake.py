@@ -20,6 +20,7 @@ from aigen.errors import AppError
 from aigen.gateway.intake import Intake
 from aigen.models import Job, OutboxMessage
 from aigen.models.job import COMPLETED, PENDING, PROCESSING
+from tests.fixtures.asyncpg_calls import count_begins
 from tests.fixtures.platform import Api
 
 
@@ -91,55 +92,111 @@ async def test_transactions_racing_for_one_key_never_pass_its_concurrency(api: A
         assert await billing.balance(session, customer.account_id) == 1000 - 7
 
 
+def _kinds(statements: list[str]) -> list[str]:
+    """Each statement as its first words (`WITH locked`, …), BEGIN and COMMIT apart."""
+    return [
+        statement.split("\n")[0].split(" AS ")[0]
+        for statement in statements
+        if not statement.startswith(("BEGIN", "COMMIT"))
+    ]
+
+
+def _recorded(api: Api) -> list[str]:
+    statements: list[str] = []
+    event.listen(
+        api.deps.engine.sync_engine,
+        "before_cursor_execute",
+        lambda *args: statements.append(str(args[2])),
+    )
+    return statements
+
+
+async def _raced(
+    api: Api, taker: Principal, batch: list[job_service.Candidate], statements: list[str]
+) -> tuple[Any, list[str]]:
+    """`batch` accepted while another transaction holds `taker`'s account (it accepts a
+    job of `taker`'s and commits 0.3 s later): the batch's outcomes and statements."""
+    holding = asyncio.Event()
+
+    async def first() -> None:
+        async with unit_of_work(api.deps.sessionmaker) as session:
+            [taken] = await job_service.create_many(session, [candidate(taker, 1)])
+            assert isinstance(taken, job_service.Accepted)
+            holding.set()
+            await asyncio.sleep(0.3)  # the batch waits for the account meanwhile
+
+    async def second() -> Any:
+        await holding.wait()
+        statements.clear()
+        async with unit_of_work(api.deps.sessionmaker, alone=True) as session:
+            return await job_service.create_many(session, batch)
+
+    _, outcomes = await asyncio.gather(first(), second())
+    return outcomes, _kinds(statements)
+
+
 @pytest.mark.parametrize(
     "database_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
 )
 async def test_the_lock_and_the_count_are_one_statement_unless_the_account_moved(
     api: Api,
 ) -> None:
-    """On PostgreSQL an intake locks its accounts and counts its keys' jobs in one
-    statement. Its count reads the snapshot taken before the lock, so where the account's
-    row changed meanwhile (here another intake of the key committed while this one waited
-    for the lock) the key is counted again: that intake's job counts, and at a
-    concurrency of 1 this one is refused."""
+    """On PostgreSQL a batch of several accounts' jobs locks the accounts and counts the
+    keys' jobs in one statement. Its count reads the snapshot taken before the lock, so
+    where an account's row changed meanwhile (here another intake of the key committed
+    while the batch waited for the lock) the keys are counted again: that intake's job
+    counts, and at a concurrency of 1 the key's job is refused."""
     who = (await api.customer(credits=100)).principal(concurrency=1)
-    quiet_one = (await api.customer(credits=100)).principal()
-    statements: list[str] = []
-    event.listen(
-        api.deps.engine.sync_engine,
-        "before_cursor_execute",
-        lambda *args: statements.append(str(args[2]).split("\n")[0].split(" AS ")[0]),
-    )
+    one, two = [(await api.customer(credits=100)).principal() for _ in range(2)]
+    statements = _recorded(api)
     async with unit_of_work(api.deps.sessionmaker) as session:
-        [alone] = await job_service.create_many(session, [candidate(quiet_one, 1)])
-    quiet = list(statements)
+        quiet = await job_service.create_many(session, [candidate(one, 1), candidate(two, 1)])
+    quiet_statements = _kinds(statements)
 
-    holding = asyncio.Event()
+    outcomes, moved = await _raced(api, who, [candidate(who, 1), candidate(one, 1)], statements)
 
-    async def first() -> None:
-        async with unit_of_work(api.deps.sessionmaker) as session:
-            [taken] = await job_service.create_many(session, [candidate(who, 1)])
-            assert isinstance(taken, job_service.Accepted)
-            holding.set()
-            await asyncio.sleep(0.3)  # the second waits for the account's lock meanwhile
+    assert [type(o).__name__ for o in quiet] == ["Accepted", "Accepted"]
+    assert quiet_statements == ["WITH locked", "WITH w0"]  # the lock and count; the writes
+    assert [type(o).__name__ for o in outcomes] == ["ConcurrencyLimitError", "Accepted"]
+    assert moved == ["WITH locked", "SELECT jobs.api_key_id, count(*)", "WITH w0"]
 
-    async def second() -> Any:
-        await holding.wait()
-        statements.clear()
-        async with unit_of_work(api.deps.sessionmaker) as session:
-            [outcome] = await job_service.create_many(session, [candidate(who, 1)])
-        return outcome
 
-    _, outcome = await asyncio.gather(first(), second())
+@pytest.mark.parametrize(
+    "database_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+)
+async def test_one_accounts_jobs_go_without_its_lock_unless_its_row_moved(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL the jobs of one account, alone in their unit of work, are a read and
+    one statement that commit by themselves (no BEGIN): the writes are made only if the
+    account's row is as read. Where another intake changed it meanwhile (it committed
+    while the writes waited for the row), they write nothing, and the batch goes under
+    the lock: that intake's job counts, at a concurrency of 1 the job is refused, and
+    the money is that of the one job accepted."""
+    customer = await api.customer(credits=100)
+    who = customer.principal(concurrency=1)
+    quiet_one = (await api.customer(credits=100)).principal()
+    statements = _recorded(api)
+    begins = count_begins(monkeypatch)
+    async with unit_of_work(api.deps.sessionmaker, alone=True) as session:
+        [quiet] = await job_service.create_many(session, [candidate(quiet_one, 7)])
+    quiet_statements, quiet_begins = _kinds(statements), len(begins)
 
-    assert isinstance(alone, job_service.Accepted)
-    assert [s.split()[0] for s in quiet if not s.startswith(("BEGIN", "COMMIT"))] == [
-        "WITH",  # the lock and the count
-        "WITH",  # the writes
-    ]
+    [outcome], moved = await _raced(api, who, [candidate(who, 1)], statements)
+
+    assert isinstance(quiet, job_service.Accepted)
+    assert (quiet_statements, quiet_begins) == (["WITH seen_balances", "WITH w_first"], 0)
     assert type(outcome).__name__ == "ConcurrencyLimitError"
-    moved = [s for s in statements if not s.startswith(("BEGIN", "COMMIT"))]
-    assert moved == ["WITH locked", "SELECT jobs.api_key_id, count(*)"]
+    assert moved == ["WITH seen_balances", "WITH w_first", "WITH locked"]
+    async with api.deps.sessionmaker() as session:
+        jobs = await session.scalar(
+            select(func.count()).select_from(Job).where(Job.api_key_id == customer.key_id)
+        )
+        assert jobs == 1
+        assert await billing.balance(session, customer.account_id) == 99
+        assert await billing.ledger_sum(session, customer.account_id) == 99
+        assert await billing.balance(session, quiet_one.account_id) == 93
+        assert await billing.ledger_sum(session, quiet_one.account_id) == 93
 
 
 async def test_concurrent_accepts_share_transactions(api: Api) -> None:

@@ -62,7 +62,9 @@ class Intake(Batcher[tuple[job_service.Candidate, "asyncio.Future[Outcome]"]]):
         self, batch: list[tuple[job_service.Candidate, asyncio.Future[Outcome]]]
     ) -> None:
         try:
-            async with unit_of_work(self._deps.sessionmaker) as session:
+            # One unit of work: its statements may commit by themselves where it allows
+            # (`job_service.create_many`: one account's jobs, without its lock).
+            async with unit_of_work(self._deps.sessionmaker, alone=True) as session:
                 outcomes = await job_service.create_many(session, [c for c, _ in batch])
         except Exception as error:
             if unreachable(error):

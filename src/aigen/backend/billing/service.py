@@ -1,7 +1,8 @@
 """The credit ledger (DESIGN §6): integers, append-only, balance == ledger sum.
 
 A job's money moves as `hold` (−worst case) when it is accepted (`lock_balances`, then
-`holding` for the jobs that fit), then either `release` (+hold) alone, or `release`
+`holding` for the jobs that fit; or, for one account, `READ_BALANCES` and
+`holding_unless_moved`), then either `release` (+hold) alone, or `release`
 (+hold) and `capture` (−actual, never above the hold) in the one transaction that
 applies its result. The unique (job, kind) index makes a second application fail
 instead of charging twice. Functions take the session first and never commit: the
@@ -12,9 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, func, insert, literal_column, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql import ColumnElement
+from sqlalchemy.sql.dml import Update
 
 from aigen.clock import utcnow
 from aigen.db import driver, together
@@ -112,6 +116,23 @@ LOCK_BALANCES = (
     .order_by(_ACCOUNTS.c.id)
     .with_for_update(key_share=True)
 )
+# A row's version, PostgreSQL's `xmin`: the transaction that wrote it, new at every
+# UPDATE of the row.
+_VERSION: ColumnElement[str] = literal_column("accounts.xmin::text")
+# The balances as read without a lock, (id, balance, version), for a caller that writes
+# its holds only if the row is still that version (`holding_unless_moved`; PostgreSQL).
+READ_BALANCES = select(_ACCOUNTS.c.id, _ACCOUNTS.c.balance, _VERSION.label("version")).where(
+    _ACCOUNTS.c.id.in_(bindparam("ids", expanding=True))
+)
+_CHANGE_BALANCE_UNLESS_MOVED = (
+    update(_ACCOUNTS)
+    .where(
+        _ACCOUNTS.c.id == bindparam("b_account"),
+        _VERSION == bindparam("b_version"),  # noqa: SIM300 (a column, not a constant)
+    )
+    .values(balance=_ACCOUNTS.c.balance + bindparam("b_delta"))
+    .returning(_ACCOUNTS.c.id)
+)
 
 
 def short_of_credits(amount: int, balance: int) -> InsufficientCreditsError:
@@ -127,6 +148,38 @@ def holding(holds: Sequence[Hold]) -> list[together.Write]:
     sends them (`db.together.write`), with writes of its own."""
     if not holds:
         return []
+    # One row per account: `together.write` changes each account's row once.
+    totals: dict[str, int] = {}
+    for h in holds:
+        totals[h.account_id] = totals.get(h.account_id, 0) + h.amount
+    balances = [{"b_account": account, "b_delta": -total} for account, total in totals.items()]
+    return [_hold_entries(holds), (_CHANGE_BALANCE, balances)]
+
+
+def holding_unless_moved(
+    account_id: str, version: str, holds: Sequence[Hold]
+) -> tuple[Update, dict[str, Any], together.Write]:
+    """`holding` of one account's holds, checked against its balance as `READ_BALANCES`
+    read it, without a lock, with its row's `version`: the balance update, made only
+    where the row is still that version (it then returns the account's id), and the
+    ledger rows, for the caller to write only if it acted (`together.write_after`).
+
+    Where another transaction changed the row since the read (a hold, a settlement, a
+    top-up) the update changes nothing, having waited for that transaction if it still
+    held the row (PostgreSQL checks the condition again on the row's latest version):
+    the caller then takes the lock (`lock_balances`) and judges again. Where it acts,
+    the balance read is the balance the update changes, and no transaction that adds
+    jobs to the account committed since the read."""
+    assert all(h.account_id == account_id for h in holds), "one account's holds"
+    params = {
+        "b_account": account_id,
+        "b_version": version,
+        "b_delta": -sum(h.amount for h in holds),
+    }
+    return _CHANGE_BALANCE_UNLESS_MOVED, params, _hold_entries(holds)
+
+
+def _hold_entries(holds: Sequence[Hold]) -> together.Write:
     now = utcnow()
     entries = [
         {
@@ -139,12 +192,7 @@ def holding(holds: Sequence[Hold]) -> list[together.Write]:
         }
         for h in holds
     ]
-    # One row per account: `together.write` changes each account's row once.
-    totals: dict[str, int] = {}
-    for h in holds:
-        totals[h.account_id] = totals.get(h.account_id, 0) + h.amount
-    balances = [{"b_account": account, "b_delta": -total} for account, total in totals.items()]
-    return [(_ADD_ENTRIES, entries), (_CHANGE_BALANCE, balances)]
+    return (_ADD_ENTRIES, entries)
 
 
 async def release(session: AsyncSession, job: Job) -> None:

@@ -170,14 +170,83 @@ async def create_many(
     nor a key's concurrency can be overshot by racing API processes. A key belongs to
     one account, and every job is created here, under its account's lock: that lock
     puts the transactions of a key in line too, so the key's row needs no lock of its
-    own (`_lock_and_count`).
+    own (`_lock_and_count`). Jobs of one account may first go without the lock
+    (`_create_unlocked`); where the account's row moved meanwhile, they come here.
     """
-    balances, active = await _lock_and_count(
-        session,
-        sorted({s.principal.account_id for s in candidates}),
-        sorted({s.principal.key_id for s in candidates}),
-    )
+    account_ids = sorted({s.principal.account_id for s in candidates})
+    key_ids = sorted({s.principal.key_id for s in candidates})
+    unlocked = len(account_ids) == 1 and is_postgres(session) and not outbox.writes_through(session)
+    if unlocked and all(c.claim is None for c in candidates):
+        done = await _create_unlocked(session, candidates, account_ids[0], key_ids)
+        if done is not None:
+            return done
+    balances, active = await _lock_and_count(session, account_ids, key_ids)
+    outcomes, accepted = await _judge(session, candidates, balances, active)
+    if accepted:
+        events = _requested(accepted)
+        holds = billing.holding(_holds(accepted))
+        jobs: together.Write = (_INSERT_JOBS, [_columns(s.job) for s in accepted])
+        if outbox.writes_through(session):
+            await together.write(session, [jobs, *holds])
+            await outbox.add_many(session, events)
+        else:
+            # The jobs, their events, the holds and the balances: one statement on
+            # PostgreSQL, where each was a round trip under the account's lock.
+            await together.write(session, [jobs, outbox.adding(session, events), *holds])
+            outbox.added(session, events)
+    return outcomes
 
+
+async def _create_unlocked(
+    session: AsyncSession, candidates: Sequence[Candidate], account_id: str, key_ids: list[str]
+) -> list[Accepted | AppError] | None:
+    """`create_many` of one account's jobs without its lock (PostgreSQL), or None where
+    its row moved meanwhile (nothing written: the caller takes the lock).
+
+    Under the lock a lone job was a transaction of five round trips: BEGIN, the lock and
+    the count (`_lock_and_count`), the writes, COMMIT. Here the balance, the row's
+    version and the keys' counts are read in one statement, the jobs judged on them,
+    and the writes made in one statement only if the account's row is still that
+    version (`billing.holding_unless_moved`): no other transaction changed the balance,
+    and none added jobs to the account, since the read (every transaction that adds
+    jobs changes the row), so the judgments stand as they would under the lock. Each
+    statement commits by itself when the unit comes alone (`driver.execute`'s `alone`):
+    two round trips. A count may be higher than the latest (a job ended since the read):
+    a refusal at that count is one a moment earlier, never a key over its limit."""
+    rows = await driver.execute(
+        session, _READ_UNLOCKED, {"ids": [account_id], "key_ids": key_ids}, alone=True
+    )
+    balances: dict[str, int] = {}
+    active: dict[str, int] = {}
+    version = ""
+    for kind, row_id, number, row_version in rows.all():
+        if kind == "account":
+            balances[row_id], version = int(number), row_version
+        else:
+            active[row_id] = int(number)
+    outcomes, accepted = await _judge(session, candidates, balances, active)
+    if not accepted:
+        return outcomes
+    events = _requested(accepted)
+    first, params, entries = billing.holding_unless_moved(account_id, version, _holds(accepted))
+    jobs: together.Write = (_INSERT_JOBS, [_columns(s.job) for s in accepted])
+    writes = [jobs, outbox.adding(session, events), entries]
+    moved = not (await together.write_after(session, first, params, writes, alone=True)).rows
+    if moved:
+        return None
+    outbox.added(session, events)
+    return outcomes
+
+
+async def _judge(
+    session: AsyncSession,
+    candidates: Sequence[Candidate],
+    balances: dict[str, int],
+    active: dict[str, int],
+) -> tuple[list[Accepted | AppError], list[Candidate]]:
+    """Each candidate's outcome, in order, against the balances and counts (which it
+    updates as it accepts); and the accepted. Completes the idempotency claims of those
+    that carry one, in the session's transaction."""
     outcomes: list[Accepted | AppError] = []
     accepted: list[Candidate] = []
     for candidate in candidates:
@@ -210,36 +279,26 @@ async def create_many(
         active[job.api_key_id] = count
         accepted.append(candidate)
         outcomes.append(Accepted(job, count))
+    return outcomes, accepted
 
-    if accepted:
-        events = [
-            Envelope.wrap(
-                AIGenerationJobRequested(
-                    job_id=s.job.id,
-                    account_id=s.job.account_id,
-                    model=s.job.model,
-                    input=s.job.input,
-                ),
-                traceparent=s.traceparent,
-            )
-            for s in accepted
-        ]
-        holds = billing.holding(
-            [
-                billing.Hold(s.job.account_id, s.job.id, s.job.credits_reserved, s.job.model)
-                for s in accepted
-            ]
+
+def _requested(accepted: Sequence[Candidate]) -> list[Envelope]:
+    return [
+        Envelope.wrap(
+            AIGenerationJobRequested(
+                job_id=s.job.id, account_id=s.job.account_id, model=s.job.model, input=s.job.input
+            ),
+            traceparent=s.traceparent,
         )
-        jobs: together.Write = (_INSERT_JOBS, [_columns(s.job) for s in accepted])
-        if outbox.writes_through(session):
-            await together.write(session, [jobs, *holds])
-            await outbox.add_many(session, events)
-        else:
-            # The jobs, their events, the holds and the balances: one statement on
-            # PostgreSQL, where each was a round trip under the account's lock.
-            await together.write(session, [jobs, outbox.adding(session, events), *holds])
-            outbox.added(session, events)
-    return outcomes
+        for s in accepted
+    ]
+
+
+def _holds(accepted: Sequence[Candidate]) -> list[billing.Hold]:
+    return [
+        billing.Hold(s.job.account_id, s.job.id, s.job.credits_reserved, s.job.model)
+        for s in accepted
+    ]
 
 
 async def _lock_and_count(
@@ -285,6 +344,18 @@ _ACTIVE_PER_KEY = (
     select(_JOBS.c.api_key_id, func.count())
     .where(_JOBS.c.api_key_id.in_(bindparam("ids", expanding=True)), one_of(_JOBS.c.status, ACTIVE))
     .group_by(_JOBS.c.api_key_id)
+)
+# `_create_unlocked`'s read (PostgreSQL): the account's balance and version, then its
+# keys' counts, in one snapshot.
+_SEEN_BALANCES = billing.READ_BALANCES.cte("seen_balances")
+_READ_UNLOCKED = union_all(
+    select(literal_column("'account'"), *_SEEN_BALANCES.c),
+    select(literal_column("'key'"), _JOBS.c.api_key_id, func.count(), null())
+    .where(
+        _JOBS.c.api_key_id.in_(bindparam("key_ids", expanding=True)),
+        one_of(_JOBS.c.status, ACTIVE),
+    )
+    .group_by(_JOBS.c.api_key_id),
 )
 # `_lock_and_count`'s one statement (PostgreSQL): the locked rows (their latest
 # versions) with whether each is the version of the statement's snapshot, then the
