@@ -4,10 +4,11 @@ execution, on both databases, without SQLAlchemy's execution."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 from sqlalchemy import bindparam, event, exc, insert, select, text, tuple_, update
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from aigen.db import driver
 from aigen.db.base import table
@@ -177,6 +178,30 @@ async def test_each_transaction_of_a_session_has_its_own_connection(
         left = (await session.scalars(select(InboxMessage.event_id))).all()
 
     assert left == ["evt_1"]
+
+
+async def test_a_transaction_finds_its_connection_once_alone_statements_too(
+    sessionmaker: Sessionmaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A unit's statements, those that may commit by themselves (`alone`) and then one
+    that begins the transaction, take the session's connection once: finding it is two
+    of SQLAlchemy's greenlet hops a statement."""
+    found: list[int] = []
+    connection = AsyncSession.connection
+
+    async def counted(self: AsyncSession, *args: Any, **kwargs: Any) -> Any:
+        found.append(1)
+        return await connection(self, *args, **kwargs)
+
+    monkeypatch.setattr(AsyncSession, "connection", counted)
+    async with unit_of_work(sessionmaker, alone=True) as session:
+        await driver.execute(session, _ADD, _row("evt_1"), alone=True)
+        await driver.execute(session, _OF, {"consumer": "test", "ids": ["evt_1"]}, alone=True)
+        await driver.execute(session, _ADD, _row("evt_2"))
+        seen = await driver.execute(session, _OF, {"consumer": "test", "ids": ["evt_2"]})
+
+    assert seen.scalars() == ["evt_2"]
+    assert len(found) == 1
 
 
 async def test_an_orm_statement_gives_the_sessions_objects(sessionmaker: Sessionmaker) -> None:

@@ -314,27 +314,30 @@ async def _driver(
     sent BEGIN IMMEDIATE already (`db.session`)."""
     transaction = session.get_transaction()
     found = session.info.get(_DRIVER)
-    if transaction is not None and found is not None and found[0] is transaction:
-        return found[1], found[2]
-    connection = await session.connection()  # (begins the session's transaction if need be)
-    transaction = session.get_transaction()
-    fairy = await connection.get_raw_connection()
-    adapted: Any = fairy.dbapi_connection
+    connection: AsyncConnection
     runner: _Runner
-    if isinstance(adapted.driver_connection, sqlite.LoopConnection):
-        runner = _SQLite(adapted.driver_connection)
-    elif connection.dialect.driver == "asyncpg":
-        if alone and adapted._transaction is None:
-            return connection, _Asyncpg(adapted.driver_connection)
-        if adapted._transaction is None:
-            try:
-                await adapted._start_transaction()
-            except Exception as error:
-                raise await _translate(connection, "BEGIN", error) from error
-        runner = _Asyncpg(adapted.driver_connection)
+    adapted: Any  # SQLAlchemy's adapter of the driver's connection
+    if transaction is not None and found is not None and found[0] is transaction:
+        _, connection, runner, adapted = found
     else:
-        return None
-    session.info[_DRIVER] = (transaction, connection, runner)
+        connection = await session.connection()  # (begins the session's transaction if need be)
+        transaction = session.get_transaction()
+        fairy = await connection.get_raw_connection()
+        adapted = fairy.dbapi_connection
+        if isinstance(adapted.driver_connection, sqlite.LoopConnection):
+            runner = _SQLite(adapted.driver_connection)
+        elif connection.dialect.driver == "asyncpg":
+            runner = _Asyncpg(adapted.driver_connection)
+        else:
+            return None
+        # Kept for the transaction's next statements, `alone` ones too: finding the
+        # connection again costs two of SQLAlchemy's greenlet hops.
+        session.info[_DRIVER] = (transaction, connection, runner, adapted)
+    if isinstance(runner, _Asyncpg) and not alone and adapted._transaction is None:
+        try:
+            await adapted._start_transaction()
+        except Exception as error:
+            raise await _translate(connection, "BEGIN", error) from error
     return connection, runner
 
 

@@ -161,8 +161,8 @@ async def create_many(
 
     Each candidate is judged on its own, in order, and gets its `Accepted` or the error
     to answer (402 short of credits, which wins over 429 at the concurrency limit, or 409
-    for an idempotency claim taken over); the others go on. All of it is one transaction
-    of the caller's: the API accepts the jobs that arrive together in one commit, so the
+    for an idempotency claim taken over); the others go on. All of it is one unit of
+    work of the caller's: the API accepts the jobs that arrive together in one, so the
     hot rows' locks and the commit are paid once per batch (`gateway.intake`).
 
     The accounts' rows are locked first, in id order; the counts read after that see
@@ -170,8 +170,10 @@ async def create_many(
     nor a key's concurrency can be overshot by racing API processes. A key belongs to
     one account, and every job is created here, under its account's lock: that lock
     puts the transactions of a key in line too, so the key's row needs no lock of its
-    own (`_lock_and_count`). Jobs of one account may first go without the lock
-    (`_create_unlocked`); where the account's row moved meanwhile, they come here.
+    own (`_lock_and_count`). The jobs of one account, with no idempotency claim to
+    complete, go first without the lock, in two statements that commit by themselves
+    where the unit comes alone (`_create_unlocked`); only where the account's row moved
+    meanwhile are they judged again here.
     """
     account_ids = sorted({s.principal.account_id for s in candidates})
     key_ids = sorted({s.principal.key_id for s in candidates})
