@@ -282,7 +282,7 @@ async def test_the_concurrency_count_reads_a_keys_active_jobs_not_its_history(
         (
             job_service._LOCK_AND_COUNT,
             {"ids": [account.id], "key_ids": [key.id]},
-            [("account", account.id, 10, True), ("key", key.id, active, True)],
+            [("account", account.id, 10, True), ("key", key.id, active, None)],
         ),
     ):
         counted, nodes = await _run_generic(engine, statement, params)

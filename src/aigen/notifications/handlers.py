@@ -254,7 +254,7 @@ async def _jobs_and_targets(
     endpoints: set[tuple[str, str]] = set()  # (job, endpoint)
     held: set[int] = set()
     for row in rows.all():
-        job_row, account_row, endpoint_row, *asset_row = _cut(row)
+        job_row, account_row, endpoint_row, *with_asset = _cut(row)
         job_id = job_row["id"]
         if job_id not in found:
             job = as_loaded(session, Job, job_row)
@@ -267,9 +267,10 @@ async def _jobs_and_targets(
             found[job_id][2].append(as_loaded(session, WebhookEndpoint, endpoint_row))
         if assets is not None:
             listed = assets.setdefault(job_id, [])
-            if asset_row[0]["id"] is not None and asset_row[0]["id"] not in held:
-                held.add(asset_row[0]["id"])
-                listed.append(as_loaded(session, Asset, asset_row[0]))
+            [asset_row] = with_asset
+            if asset_row["id"] is not None and asset_row["id"] not in held:
+                held.add(asset_row["id"])
+                listed.append(as_loaded(session, Asset, asset_row))
     return found
 
 

@@ -23,13 +23,13 @@ from sqlalchemy import (
     null,
     or_,
     select,
-    true,
     tuple_,
     union_all,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.sql import CompoundSelect, Select
 
 from aigen.backend.billing import service as billing
 from aigen.backend.idempotency import service as idempotency
@@ -177,8 +177,10 @@ async def create_many(
     """
     account_ids = sorted({s.principal.account_id for s in candidates})
     key_ids = sorted({s.principal.key_id for s in candidates})
-    unlocked = len(account_ids) == 1 and is_postgres(session) and not outbox.writes_through(session)
-    if unlocked and all(c.claim is None for c in candidates):
+    # (Without the lock: one account's row to check, and no claim to complete in the
+    # transaction.)
+    unlocked = len(account_ids) == 1 and all(c.claim is None for c in candidates)
+    if unlocked and is_postgres(session) and not outbox.writes_through(session):
         done = await _create_unlocked(session, candidates, account_ids[0], key_ids)
         if done is not None:
             return done
@@ -218,18 +220,12 @@ async def _create_unlocked(
     rows = await driver.execute(
         session, _READ_UNLOCKED, {"ids": [account_id], "key_ids": key_ids}, alone=True
     )
-    balances: dict[str, int] = {}
-    active: dict[str, int] = {}
-    version = ""
-    for kind, row_id, number, row_version in rows.all():
-        if kind == "account":
-            balances[row_id], version = int(number), row_version
-        else:
-            active[row_id] = int(number)
+    balances, active, versions = _balances_and_counts(rows)
     outcomes, accepted = await _judge(session, candidates, balances, active)
     if not accepted:
         return outcomes
     events = _requested(accepted)
+    version = versions[account_id]  # (the account was found: a job was accepted)
     first, params, entries = billing.holding_unless_moved(account_id, version, _holds(accepted))
     jobs: together.Write = (_INSERT_JOBS, [_columns(s.job) for s in accepted])
     writes = [jobs, outbox.adding(session, events), entries]
@@ -324,16 +320,26 @@ async def _lock_and_count(
         balances = await billing.lock_balances(session, account_ids)
         return balances, await _count_active(session, key_ids)
     rows = await driver.execute(session, _LOCK_AND_COUNT, {"ids": account_ids, "key_ids": key_ids})
-    balances, active, unchanged = {}, {}, True
-    for kind, row_id, number, same in rows.all():
-        if kind == "account":
-            balances[row_id] = int(number)
-            unchanged = unchanged and bool(same)
-        else:
-            active[row_id] = int(number)
-    if not unchanged:
+    balances, active, unchanged = _balances_and_counts(rows)
+    if not all(unchanged.values()):
         active = await _count_active(session, key_ids)
     return balances, active
+
+
+def _balances_and_counts(
+    rows: driver.Rows,
+) -> tuple[dict[str, int], dict[str, int], dict[str, Any]]:
+    """`_READ_UNLOCKED`'s or `_LOCK_AND_COUNT`'s rows: the balances and the counts by id,
+    and what each account's row says of its version."""
+    balances: dict[str, int] = {}
+    active: dict[str, int] = {}
+    versions: dict[str, Any] = {}
+    for kind, row_id, number, version in rows.all():
+        if kind == "account":
+            balances[row_id], versions[row_id] = int(number), version
+        else:
+            active[row_id] = int(number)
+    return balances, active, versions
 
 
 async def _count_active(session: AsyncSession, key_ids: list[str]) -> dict[str, int]:
@@ -341,47 +347,48 @@ async def _count_active(session: AsyncSession, key_ids: list[str]) -> dict[str, 
     return {key_id: int(n) for key_id, n in counts.all()}
 
 
-# Built once with bound parameters (see `db.base.table`): every batch runs them.
-_ACTIVE_PER_KEY = (
-    select(_JOBS.c.api_key_id, func.count())
-    .where(_JOBS.c.api_key_id.in_(bindparam("ids", expanding=True)), one_of(_JOBS.c.status, ACTIVE))
-    .group_by(_JOBS.c.api_key_id)
-)
-# `_create_unlocked`'s read (PostgreSQL): the account's balance and version, then its
-# keys' counts, in one snapshot.
-_SEEN_BALANCES = billing.READ_BALANCES.cte("seen_balances")
-_READ_UNLOCKED = union_all(
-    select(literal_column("'account'"), *_SEEN_BALANCES.c),
-    select(literal_column("'key'"), _JOBS.c.api_key_id, func.count(), null())
-    .where(
-        _JOBS.c.api_key_id.in_(bindparam("key_ids", expanding=True)),
-        one_of(_JOBS.c.status, ACTIVE),
+def _active_per_key(keys: str) -> Select[Any]:
+    """The count of each key's active jobs, (key id, count), the ids bound as `keys`."""
+    return (
+        select(_JOBS.c.api_key_id, func.count().label("active"))
+        .where(
+            _JOBS.c.api_key_id.in_(bindparam(keys, expanding=True)), one_of(_JOBS.c.status, ACTIVE)
+        )
+        .group_by(_JOBS.c.api_key_id)
     )
-    .group_by(_JOBS.c.api_key_id),
-)
-# `_lock_and_count`'s one statement (PostgreSQL): the locked rows (their latest
-# versions) with whether each is the version of the statement's snapshot, then the
-# keys' counts in that snapshot.
+
+
+def _with_counts(accounts: Select[Any]) -> CompoundSelect[Any]:
+    """`accounts`' rows, ('account', id, balance, what the row says of its version), then
+    the keys' counts, ('key', id, count, NULL), in one statement (PostgreSQL)."""
+    counts = _active_per_key("key_ids").subquery("counts")
+    keys = select(literal_column("'key'"), counts.c.api_key_id, counts.c.active, null())
+    return union_all(accounts, keys)
+
+
+# Built once with bound parameters (see `db.base.table`): every batch runs them.
+_ACTIVE_PER_KEY = _active_per_key("ids")
+# `_create_unlocked`'s read: the account's balance and version, then its keys' counts,
+# in one snapshot.
+_SEEN_BALANCES = billing.READ_BALANCES.cte("seen_balances")
+_READ_UNLOCKED = _with_counts(select(literal_column("'account'"), *_SEEN_BALANCES.c))
+# `_lock_and_count`'s one statement: the locked rows (their latest versions) with
+# whether each is the version of the statement's snapshot, then the keys' counts in
+# that snapshot.
 _LOCKED = billing.LOCK_BALANCES.add_columns(literal_column("xmin::text").label("version")).cte(
     "locked"
 )
 _SEEN = table(Account).alias("seen")
-_LOCK_AND_COUNT = union_all(
+_SNAPSHOTS_VERSION = (
+    select(literal_column("seen.xmin::text")).where(_SEEN.c.id == _LOCKED.c.id).scalar_subquery()
+)
+_LOCK_AND_COUNT = _with_counts(
     select(
         literal_column("'account'"),
         _LOCKED.c.id,
         _LOCKED.c.balance,
-        _LOCKED.c.version
-        == select(literal_column("seen.xmin::text"))
-        .where(_SEEN.c.id == _LOCKED.c.id)
-        .scalar_subquery(),
-    ),
-    select(literal_column("'key'"), _JOBS.c.api_key_id, func.count(), true())
-    .where(
-        _JOBS.c.api_key_id.in_(bindparam("key_ids", expanding=True)),
-        one_of(_JOBS.c.status, ACTIVE),
+        _LOCKED.c.version == _SNAPSHOTS_VERSION,
     )
-    .group_by(_JOBS.c.api_key_id),
 )
 # A new job's columns (what `new_row` sets; the others start NULL), attribute → column.
 # In Core: the ORM's bulk INSERT of the same rows cost 5 % of the accept path's CPU.
@@ -440,15 +447,11 @@ _ASSETS_OF_MANY = (
 )
 
 
-async def assets_of_many(
-    session: AsyncSession, job_ids: Sequence[str], *, alone: bool = False
-) -> dict[str, list[Asset]]:
-    """`assets_of` for several jobs in one statement: every job named has an entry
-    (`alone`: `driver.execute`'s, for a read outside the transaction)."""
+async def assets_of_many(session: AsyncSession, job_ids: Sequence[str]) -> dict[str, list[Asset]]:
+    """`assets_of` for several jobs in one statement: every job named has an entry."""
     found: dict[str, list[Asset]] = {job_id: [] for job_id in job_ids}
     if found:
-        params = {"job_ids": sorted(found)}
-        rows = await driver.execute(session, _ASSETS_OF_MANY, params, alone=alone)
+        rows = await driver.execute(session, _ASSETS_OF_MANY, {"job_ids": sorted(found)})
         for row in rows.mappings():
             found[row["job_id"]].append(as_loaded(session, Asset, row))
     return found
