@@ -379,7 +379,7 @@ _LOCKED = billing.LOCK_BALANCES.add_columns(literal_column("xmin::text").label("
     "locked"
 )
 _SEEN = table(Account).alias("seen")
-_SNAPSHOTS_VERSION = (
+_VERSION_IN_SNAPSHOT = (
     select(literal_column("seen.xmin::text")).where(_SEEN.c.id == _LOCKED.c.id).scalar_subquery()
 )
 _LOCK_AND_COUNT = _with_counts(
@@ -387,7 +387,7 @@ _LOCK_AND_COUNT = _with_counts(
         literal_column("'account'"),
         _LOCKED.c.id,
         _LOCKED.c.balance,
-        _LOCKED.c.version == _SNAPSHOTS_VERSION,
+        _LOCKED.c.version == _VERSION_IN_SNAPSHOT,
     )
 )
 # A new job's columns (what `new_row` sets; the others start NULL), attribute → column.
