@@ -112,15 +112,21 @@ def _recorded(api: Api) -> list[str]:
 
 
 async def _raced(
-    api: Api, taker: Principal, batch: list[job_service.Candidate], statements: list[str]
+    api: Api,
+    taker: Principal,
+    batch: list[job_service.Candidate],
+    statements: list[str],
+    *,
+    hold: int = 1,
 ) -> tuple[Any, list[str]]:
     """`batch` accepted while another transaction holds `taker`'s account (it accepts a
-    job of `taker`'s and commits 0.3 s later): the batch's outcomes and statements."""
+    job of `taker`'s, holding `hold`, and commits 0.3 s later): the batch's outcomes and
+    statements."""
     holding = asyncio.Event()
 
     async def first() -> None:
         async with unit_of_work(api.deps.sessionmaker) as session:
-            [taken] = await job_service.create_many(session, [candidate(taker, 1)])
+            [taken] = await job_service.create_many(session, [candidate(taker, hold)])
             assert isinstance(taken, job_service.Accepted)
             holding.set()
             await asyncio.sleep(0.3)  # the batch waits for the account meanwhile
@@ -164,15 +170,16 @@ async def test_the_lock_and_the_count_are_one_statement_unless_the_account_moved
 @pytest.mark.parametrize(
     "database_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
 )
-async def test_one_accounts_jobs_go_without_its_lock_unless_its_row_moved(
-    api: Api, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("other_hold", [1, 0])
+async def test_one_accounts_jobs_go_without_its_lock_unless_another_intake_came(
+    api: Api, monkeypatch: pytest.MonkeyPatch, other_hold: int
 ) -> None:
     """On PostgreSQL the jobs of one account, alone in their unit of work, are a read and
-    one statement that commit by themselves (no BEGIN): the writes are made only if the
-    account's row is as read. Where another intake changed it meanwhile (it committed
-    while the writes waited for the row), they write nothing, and the batch goes under
-    the lock: that intake's job counts, at a concurrency of 1 the job is refused, and
-    the money is that of the one job accepted."""
+    one statement that commit by themselves (no BEGIN): the writes are made only if no
+    intake came since the read. Where another intake came meanwhile (it committed while
+    the writes waited for the account's row; its job held credits or, free, none), they
+    write nothing, and the batch goes under the lock: that intake's job counts, at a
+    concurrency of 1 the job is refused, and the money is that of the one job accepted."""
     customer = await api.customer(credits=100)
     who = customer.principal(concurrency=1)
     quiet_one = (await api.customer(credits=100)).principal()
@@ -182,7 +189,7 @@ async def test_one_accounts_jobs_go_without_its_lock_unless_its_row_moved(
         [quiet] = await job_service.create_many(session, [candidate(quiet_one, 7)])
     quiet_statements, quiet_begins = _kinds(statements), len(begins)
 
-    [outcome], moved = await _raced(api, who, [candidate(who, 1)], statements)
+    [outcome], moved = await _raced(api, who, [candidate(who, 1)], statements, hold=other_hold)
 
     assert isinstance(quiet, job_service.Accepted)
     assert (quiet_statements, quiet_begins) == (["WITH seen_balances", "WITH w_first"], 0)
@@ -193,10 +200,46 @@ async def test_one_accounts_jobs_go_without_its_lock_unless_its_row_moved(
             select(func.count()).select_from(Job).where(Job.api_key_id == customer.key_id)
         )
         assert jobs == 1
-        assert await billing.balance(session, customer.account_id) == 99
-        assert await billing.ledger_sum(session, customer.account_id) == 99
+        assert await billing.balance(session, customer.account_id) == 100 - other_hold
+        assert await billing.ledger_sum(session, customer.account_id) == 100 - other_hold
         assert await billing.balance(session, quiet_one.account_id) == 93
         assert await billing.ledger_sum(session, quiet_one.account_id) == 93
+
+
+@pytest.mark.parametrize(
+    "database_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+)
+@pytest.mark.parametrize(("change", "locked"), [(5, False), (-5, True)])
+async def test_a_balance_that_rose_since_the_read_lets_the_jobs_go_one_that_fell_does_not(
+    api: Api, monkeypatch: pytest.MonkeyPatch, change: int, locked: bool
+) -> None:
+    """Between the intake's read without the lock and its write, another transaction
+    changes the balance: a rise (a settlement's release, a top-up) leaves the judgment
+    standing and the jobs go as they were judged; a fall (a correction) sends them under
+    the lock. Either way the money adds up."""
+    customer = await api.customer(credits=100)
+    judge = job_service._judge
+    judged: list[int] = []
+
+    async def changed_first(*args: Any) -> Any:
+        if not judged:  # (the first judgment: on the read without the lock)
+            async with unit_of_work(api.deps.sessionmaker) as other:
+                await billing.adjust(other, customer.account_id, change, note="meanwhile")
+        judged.append(1)
+        return await judge(*args)
+
+    monkeypatch.setattr(job_service, "_judge", changed_first)
+    statements = _recorded(api)
+    async with unit_of_work(api.deps.sessionmaker, alone=True) as session:
+        [outcome] = await job_service.create_many(session, [candidate(customer.principal(), 7)])
+    ours = [s for s in _kinds(statements) if s.startswith(("WITH", "SELECT jobs"))]
+
+    assert isinstance(outcome, job_service.Accepted)
+    assert (ours[-2:] == ["WITH locked", "WITH w0"]) == locked
+    assert ours[:2] == ["WITH seen_balances", "WITH w_first"]
+    async with api.deps.sessionmaker() as session:
+        assert await billing.balance(session, customer.account_id) == 100 + change - 7
+        assert await billing.ledger_sum(session, customer.account_id) == 100 + change - 7
 
 
 async def test_concurrent_accepts_share_transactions(api: Api) -> None:
@@ -308,12 +351,14 @@ async def _run_generic(
         raw = (await connection.get_raw_connection()).driver_connection
         assert raw is not None
         await raw.execute("SET plan_cache_mode = force_generic_plan")
-        await raw.execute(f"PREPARE counting AS {expanded.statement}")
-        run = f"EXECUTE counting({arguments})"
+        # A name of its own: asyncpg keeps each EXECUTE's text with its rows' types.
+        name = f"counting_{abs(hash(expanded.statement))}"
+        await raw.execute(f"PREPARE {name} AS {expanded.statement}")
+        run = f"EXECUTE {name}({arguments})"
         async with raw.transaction():  # (a lock is taken only in a transaction)
             plan = await raw.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {run}")  # JSON, decoded
             counted = await raw.fetch(run)
-        await raw.execute("DEALLOCATE counting; RESET plan_cache_mode")
+        await raw.execute(f"DEALLOCATE {name}; RESET plan_cache_mode")
     return counted, list(_plan_nodes(plan[0]["Plan"]))
 
 

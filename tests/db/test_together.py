@@ -35,6 +35,7 @@ def _account(account_id: str, balance: int) -> dict[str, object]:
         "name": account_id,
         "status": "active",
         "balance": balance,
+        "intakes": 0,
         "webhook_secret": "s",
         "created_at": _AT,
     }

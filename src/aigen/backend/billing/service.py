@@ -15,9 +15,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, literal_column, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.sql import ColumnElement
 from sqlalchemy.sql.dml import Update
 
 from aigen.clock import utcnow
@@ -104,33 +103,36 @@ async def lock_balances(session: AsyncSession, account_ids: Iterable[str]) -> di
     those, and deadlock with a consumer that inserts them for several accounts at once.
     """
     rows = await driver.execute(session, LOCK_BALANCES, {"ids": sorted(set(account_ids))})
-    return {account_id: int(balance) for account_id, balance in rows.all()}
+    return {account_id: int(balance) for account_id, balance, _ in rows.all()}
 
 
-# `lock_balances`'s statement, (id, balance) in id order, for a caller that sends it with
-# reads of its own (the job service's intake). Every transaction that adds jobs changes
-# their account's row (`holding`'s balance update, even of 0): a new version of the row.
+# `lock_balances`'s statement, (id, balance, intakes) in id order, for a caller that
+# sends it with reads of its own (the job service's intake). Every transaction that adds
+# jobs counts itself in their account's `intakes` (`holding`), and only those do.
 LOCK_BALANCES = (
-    select(_ACCOUNTS.c.id, _ACCOUNTS.c.balance)
+    select(_ACCOUNTS.c.id, _ACCOUNTS.c.balance, _ACCOUNTS.c.intakes)
     .where(_ACCOUNTS.c.id.in_(bindparam("ids", expanding=True)))
     .order_by(_ACCOUNTS.c.id)
     .with_for_update(key_share=True)
 )
-# A row's version, PostgreSQL's `xmin`: the transaction that wrote it, new at every
-# UPDATE of the row.
-_VERSION: ColumnElement[str] = literal_column("accounts.xmin::text")
-# The balances as read without a lock, (id, balance, version), for a caller that writes
-# its holds only if the row is still that version (`holding_unless_moved`; PostgreSQL).
-READ_BALANCES = select(_ACCOUNTS.c.id, _ACCOUNTS.c.balance, _VERSION.label("version")).where(
+# The balances as read without a lock, (id, balance, intakes), for a caller that writes
+# its holds only if no intake came between (`holding_unless_moved`; PostgreSQL).
+READ_BALANCES = select(_ACCOUNTS.c.id, _ACCOUNTS.c.balance, _ACCOUNTS.c.intakes).where(
     _ACCOUNTS.c.id.in_(bindparam("ids", expanding=True))
 )
-_CHANGE_BALANCE_UNLESS_MOVED = (
+_HOLD_BALANCE = (
+    update(_ACCOUNTS)
+    .where(_ACCOUNTS.c.id == bindparam("b_account"))
+    .values(balance=_ACCOUNTS.c.balance + bindparam("b_delta"), intakes=_ACCOUNTS.c.intakes + 1)
+)
+_HOLD_BALANCE_UNLESS_MOVED = (
     update(_ACCOUNTS)
     .where(
         _ACCOUNTS.c.id == bindparam("b_account"),
-        _VERSION == bindparam("b_version"),  # noqa: SIM300 (a column, not a constant)
+        _ACCOUNTS.c.intakes == bindparam("b_intakes"),
+        _ACCOUNTS.c.balance >= bindparam("b_balance"),
     )
-    .values(balance=_ACCOUNTS.c.balance + bindparam("b_delta"))
+    .values(balance=_ACCOUNTS.c.balance + bindparam("b_delta"), intakes=_ACCOUNTS.c.intakes + 1)
     .returning(_ACCOUNTS.c.id)
 )
 
@@ -153,30 +155,32 @@ def holding(holds: Sequence[Hold]) -> list[together.Write]:
     for h in holds:
         totals[h.account_id] = totals.get(h.account_id, 0) + h.amount
     balances = [{"b_account": account, "b_delta": -total} for account, total in totals.items()]
-    return [_hold_entries(holds), (_CHANGE_BALANCE, balances)]
+    return [_hold_entries(holds), (_HOLD_BALANCE, balances)]
 
 
 def holding_unless_moved(
-    account_id: str, version: str, holds: Sequence[Hold]
+    account_id: str, balance: int, intakes: int, holds: Sequence[Hold]
 ) -> tuple[Update, dict[str, Any], together.Write]:
-    """`holding` of one account's holds, checked against its balance as `READ_BALANCES`
-    read it, without a lock, with its row's `version`: the balance update, made only
-    where the row is still that version (it then returns the account's id), and the
-    ledger rows, for the caller to write only if it acted (`together.write_after`).
+    """`holding` of one account's holds, checked against its `balance` and `intakes` as
+    `READ_BALANCES` read them, without a lock: the balance update, made only where no
+    intake came since and the balance is no lower (it then returns the account's id),
+    and the ledger rows, for the caller to write only if it acted
+    (`together.write_after`).
 
-    Where another transaction changed the row since the read (a hold, a settlement, a
-    top-up) the update changes nothing, having waited for that transaction if it still
-    held the row (PostgreSQL checks the condition again on the row's latest version):
-    the caller then takes the lock (`lock_balances`) and judges again. Where it acts,
-    the balance read is the balance the update changes, and no transaction that adds
-    jobs to the account committed since the read."""
+    Where another intake came between, or the balance fell (a correction), the update
+    changes nothing, having waited for that transaction if it still held the row
+    (PostgreSQL checks the conditions again on the row's latest version): the caller
+    then takes the lock (`lock_balances`) and judges again. Where it acts, the holds fit
+    the balance, and no transaction that adds jobs to the account committed since the
+    read. A settlement or a top-up between (the balance only rises) lets it act."""
     assert all(h.account_id == account_id for h in holds), "one account's holds"
     params = {
         "b_account": account_id,
-        "b_version": version,
+        "b_intakes": intakes,
+        "b_balance": balance,
         "b_delta": -sum(h.amount for h in holds),
     }
-    return _CHANGE_BALANCE_UNLESS_MOVED, params, _hold_entries(holds)
+    return _HOLD_BALANCE_UNLESS_MOVED, params, _hold_entries(holds)
 
 
 def _hold_entries(holds: Sequence[Hold]) -> together.Write:

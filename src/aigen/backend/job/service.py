@@ -205,28 +205,33 @@ async def _create_unlocked(
     session: AsyncSession, candidates: Sequence[Candidate], account_id: str, key_ids: list[str]
 ) -> list[Accepted | AppError] | None:
     """`create_many` of one account's jobs without its lock (PostgreSQL), or None where
-    its row moved meanwhile (nothing written: the caller takes the lock).
+    another intake came meanwhile, or the balance fell (nothing written: the caller
+    takes the lock).
 
     Under the lock a lone job was a transaction of five round trips: BEGIN, the lock and
-    the count (`_lock_and_count`), the writes, COMMIT. Here the balance, the row's
-    version and the keys' counts are read in one statement, the jobs judged on them,
-    and the writes made in one statement only if the account's row is still that
-    version (`billing.holding_unless_moved`): no other transaction changed the balance,
-    and none added jobs to the account, since the read (every transaction that adds
-    jobs changes the row), so the judgments stand as they would under the lock. Each
-    statement commits by itself when the unit comes alone (`driver.execute`'s `alone`):
-    two round trips. A count may be higher than the latest (a job ended since the read):
-    a refusal at that count is one a moment earlier, never a key over its limit."""
+    the count (`_lock_and_count`), the writes, COMMIT. Here the balance, the account's
+    count of intakes and the keys' counts are read in one statement, the jobs judged on
+    them, and the writes made in one statement only if no intake came since and the
+    balance is no lower (`billing.holding_unless_moved`): every transaction that adds
+    jobs counts itself in `intakes`, so none added jobs to the account since the read,
+    and the holds fit; the judgments stand as they would under the lock. Each statement
+    commits by itself when the unit comes alone (`driver.execute`'s `alone`): two round
+    trips. A count read may be higher than the latest (a job ended since), and a balance
+    lower (a settlement or a top-up since): a refusal on them is one a moment earlier,
+    never a key over its limit or an account below zero."""
     rows = await driver.execute(
         session, _READ_UNLOCKED, {"ids": [account_id], "key_ids": key_ids}, alone=True
     )
-    balances, active, versions = _balances_and_counts(rows)
+    balances, active, intakes = _balances_and_counts(rows)
+    balances_read = dict(balances)  # (`_judge` takes the holds off as it accepts)
     outcomes, accepted = await _judge(session, candidates, balances, active)
     if not accepted:
         return outcomes
     events = _requested(accepted)
-    version = versions[account_id]  # (the account was found: a job was accepted)
-    first, params, entries = billing.holding_unless_moved(account_id, version, _holds(accepted))
+    # (The account was found: a job was accepted.)
+    first, params, entries = billing.holding_unless_moved(
+        account_id, balances_read[account_id], intakes[account_id], _holds(accepted)
+    )
     jobs: together.Write = (_INSERT_JOBS, [_columns(s.job) for s in accepted])
     writes = [jobs, outbox.adding(session, events), entries]
     moved = not (await together.write_after(session, first, params, writes, alone=True)).rows
@@ -308,14 +313,14 @@ async def _lock_and_count(
     A count in the lock's own statement reads that statement's snapshot, taken before
     it waits for the lock: it would miss the jobs of the transaction it waited for. So
     the count was a statement of its own, after the lock. But every transaction that
-    adds jobs changes their account's row (`billing.LOCK_BALANCES`), and a locking read
-    returns the row's latest version where a plain read returns the snapshot's. On
-    PostgreSQL one statement locks, counts, and compares the two versions of each
-    account's row (`xmin`): where they are the same, no transaction that adds jobs to
-    these accounts committed after the snapshot, and the count is the one a statement
-    after the lock would make. Only where one changed (the statement waited for another
-    intake, or a settlement changed a balance meanwhile) are the keys counted again,
-    as before. Under the lock, one round trip where there were two."""
+    adds jobs counts itself in its account's `intakes` (`billing.LOCK_BALANCES`), and a
+    locking read returns the row's latest version where a plain read returns the
+    snapshot's. On PostgreSQL one statement locks, counts, and compares each account's
+    `intakes` in the two versions: where they are the same, no transaction that adds
+    jobs to these accounts committed after the snapshot, and the count is the one a
+    statement after the lock would make. Only where one changed (the statement waited
+    for another intake) are the keys counted again, as before. Under the lock, one
+    round trip where there were two."""
     if not is_postgres(session):
         balances = await billing.lock_balances(session, account_ids)
         return balances, await _count_active(session, key_ids)
@@ -330,16 +335,17 @@ def _balances_and_counts(
     rows: driver.Rows,
 ) -> tuple[dict[str, int], dict[str, int], dict[str, Any]]:
     """`_READ_UNLOCKED`'s or `_LOCK_AND_COUNT`'s rows: the balances and the counts by id,
-    and what each account's row says of its version."""
+    and what each account's row says of its intakes (their count, or whether it is the
+    snapshot's)."""
     balances: dict[str, int] = {}
     active: dict[str, int] = {}
-    versions: dict[str, Any] = {}
-    for kind, row_id, number, version in rows.all():
+    intakes: dict[str, Any] = {}
+    for kind, row_id, number, of_intakes in rows.all():
         if kind == "account":
-            balances[row_id], versions[row_id] = int(number), version
+            balances[row_id], intakes[row_id] = int(number), of_intakes
         else:
             active[row_id] = int(number)
-    return balances, active, versions
+    return balances, active, intakes
 
 
 async def _count_active(session: AsyncSession, key_ids: list[str]) -> dict[str, int]:
@@ -359,7 +365,7 @@ def _active_per_key(keys: str) -> Select[Any]:
 
 
 def _with_counts(accounts: Select[Any]) -> CompoundSelect[Any]:
-    """`accounts`' rows, ('account', id, balance, what the row says of its version), then
+    """`accounts`' rows, ('account', id, balance, what the row says of its intakes), then
     the keys' counts, ('key', id, count, NULL), in one statement (PostgreSQL)."""
     counts = _active_per_key("key_ids").subquery("counts")
     keys = select(literal_column("'key'"), counts.c.api_key_id, counts.c.active, null())
@@ -368,26 +374,22 @@ def _with_counts(accounts: Select[Any]) -> CompoundSelect[Any]:
 
 # Built once with bound parameters (see `db.base.table`): every batch runs them.
 _ACTIVE_PER_KEY = _active_per_key("ids")
-# `_create_unlocked`'s read: the account's balance and version, then its keys' counts,
-# in one snapshot.
+# `_create_unlocked`'s read: the account's balance and count of intakes, then its keys'
+# counts, in one snapshot.
 _SEEN_BALANCES = billing.READ_BALANCES.cte("seen_balances")
 _READ_UNLOCKED = _with_counts(select(literal_column("'account'"), *_SEEN_BALANCES.c))
 # `_lock_and_count`'s one statement: the locked rows (their latest versions) with
-# whether each is the version of the statement's snapshot, then the keys' counts in
-# that snapshot.
-_LOCKED = billing.LOCK_BALANCES.add_columns(literal_column("xmin::text").label("version")).cte(
-    "locked"
-)
+# whether each has the count of intakes of the statement's snapshot, then the keys'
+# counts in that snapshot.
+_LOCKED = billing.LOCK_BALANCES.cte("locked")
 _SEEN = table(Account).alias("seen")
-_VERSION_IN_SNAPSHOT = (
-    select(literal_column("seen.xmin::text")).where(_SEEN.c.id == _LOCKED.c.id).scalar_subquery()
-)
+_INTAKES_IN_SNAPSHOT = select(_SEEN.c.intakes).where(_SEEN.c.id == _LOCKED.c.id).scalar_subquery()
 _LOCK_AND_COUNT = _with_counts(
     select(
         literal_column("'account'"),
         _LOCKED.c.id,
         _LOCKED.c.balance,
-        _LOCKED.c.version == _VERSION_IN_SNAPSHOT,
+        _LOCKED.c.intakes == _INTAKES_IN_SNAPSHOT,
     )
 )
 # A new job's columns (what `new_row` sets; the others start NULL), attribute → column.
